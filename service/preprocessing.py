@@ -1,0 +1,311 @@
+"""Turn uploaded bytes into the uint8 ``[3, 32, 32]`` array the CIFAR-10 graph expects.
+
+Pipeline (:func:`preprocess`)::
+
+    bytes -> size checks -> Image.open (header only) -> pixel check -> load (decode)
+          -> EXIF orientation -> RGB -> resize to size x size -> uint8 [3, H, W]
+
+Every refusal is a :class:`PreprocessingError` subclass that carries the HTTP status and a
+machine-readable ``code``; this module knows nothing about FastAPI.
+
+Checks, cheapest first, so that hostile input costs as little as possible:
+
+1. empty body -> :class:`EmptyFileError` (422);
+2. more than ``ImageLimits.max_bytes`` -> :class:`FileTooLargeError` (413), before Pillow
+   sees a single byte;
+3. ``Image.open`` restricted to :data:`ALLOWED_FORMATS`; anything else (zip, text, TIFF, ...)
+   -> :class:`UnsupportedImageError` (415). Data that *starts* like an allowed format but
+   whose header is broken is reported as :class:`CorruptImageError` (422) instead;
+4. width x height from the header > ``ImageLimits.max_pixels`` -> :class:`TooManyPixelsError`
+   (413). ``Image.open`` is lazy, so nothing has been decoded or allocated yet. Pillow's own
+   global bomb guard (``Image.MAX_IMAGE_PIXELS``) may fire first for absurd sizes; it is mapped
+   to the same error. This module never changes Pillow's global settings;
+5. ``im.load()`` decodes; truncated or broken data -> :class:`CorruptImageError` (422).
+   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at ``False`` so Pillow refuses truncated files
+   instead of silently padding them with grey.
+
+Animated GIFs (and other multi-frame files) use their first frame only.
+
+Mode conversion to RGB (:func:`to_rgb`):
+
+- ``RGB``: unchanged.
+- ``1``, ``L``, ``P`` (no transparency): Pillow's conversion; palette images go through their
+  palette, greyscale is replicated to the three channels.
+- Transparent images (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, ``P``/``L``/``RGB``
+  with a ``transparency`` key) are composited onto a **white** background. Transparent pixels
+  have arbitrary (often black) colour values; white is what browsers show on a default page,
+  so the model sees what the user saw, e.g. a black logo on a transparent icon stays a black
+  logo instead of vanishing into a black background.
+- ``CMYK`` (and ``YCbCr``, ``HSV``): Pillow's conversion to RGB (no colour management).
+- 16/32-bit integer modes (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``) are *scaled* to 8 bit
+  according to their bit depth, not clipped: clipping would turn almost every 16-bit image
+  white. ``I;16*`` are divided by 257 (65535 -> 255, 32768 -> 128). ``I`` is what Pillow uses
+  for 16-bit data in some decoders, so it is scaled as 16-bit when all values fit in
+  0..65535 and as 32-bit (divide by 2**24) otherwise; negative values are clipped to 0.
+- ``F`` (float): values are assumed to be on the 0..255 scale, rounded and clipped to 0..255.
+
+Resizing (:func:`to_model_input`): the whole image is resized to ``size x size`` with bicubic
+interpolation. There is no crop and the aspect ratio is **not** preserved: CIFAR-10 images are
+square full-object photos, and a crop could cut the object out. Pillow's bicubic resize widens
+its kernel when downscaling, so large images are antialiased rather than aliased. An image that
+is already ``size x size`` is returned pixel-identical.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "CorruptImageError",
+    "EmptyFileError",
+    "FileTooLargeError",
+    "ImageLimits",
+    "PreparedImage",
+    "PreprocessingError",
+    "TooManyPixelsError",
+    "UnsupportedImageError",
+    "decode_image",
+    "preprocess",
+    "to_model_input",
+    "to_rgb",
+]
+
+# Pillow format names. MPO (multi-picture JPEG from phones) is opened by the JPEG plugin.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+# Magic numbers of the allowed formats: used only to tell "broken PNG" (422) from
+# "not an image we take" (415) when Pillow cannot identify the data.
+_SIGNATURES: tuple[tuple[str, bytes], ...] = (
+    ("JPEG", b"\xff\xd8\xff"),
+    ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ("GIF", b"GIF87a"),
+    ("GIF", b"GIF89a"),
+    ("BMP", b"BM"),
+)
+
+# What Pillow's decoders raise on broken data (besides OSError for truncation).
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+)
+
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-request limits. ``max_pixels`` bounds width * height as declared in the header."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0 or self.max_pixels <= 0:
+            raise ValueError(f"limits must be positive, got {self!r}")
+
+
+class PreprocessingError(Exception):
+    """Base class: the upload cannot be turned into a model input.
+
+    ``status_code`` is the HTTP status to answer with, ``code`` a stable machine-readable
+    identifier and ``message`` (also ``str(err)``) a human-readable explanation.
+    """
+
+    status_code: int = 400
+    code: str = "bad_image"
+    default_message: str = "the uploaded file could not be processed"
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+
+class EmptyFileError(PreprocessingError):
+    status_code = 422
+    code = "empty_file"
+    default_message = "the uploaded file is empty"
+
+
+class FileTooLargeError(PreprocessingError):
+    status_code = 413
+    code = "file_too_large"
+    default_message = "the uploaded file is too large"
+
+
+class TooManyPixelsError(PreprocessingError):
+    status_code = 413
+    code = "too_many_pixels"
+    default_message = "the image has too many pixels"
+
+
+class UnsupportedImageError(PreprocessingError):
+    status_code = 415
+    code = "unsupported_media_type"
+    default_message = f"not a supported image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
+
+
+class CorruptImageError(PreprocessingError):
+    status_code = 422
+    code = "corrupt_image"
+    default_message = "the image data is truncated or corrupt"
+
+
+@dataclass
+class PreparedImage:
+    """A decoded upload ready for the model.
+
+    ``array``: uint8 ``[3, size, size]`` (RGB, not normalised).
+    ``original_size``: ``(width, height)`` as displayed, i.e. after EXIF orientation, before
+    resizing. ``format``: Pillow's format name (``"JPEG"``, ``"PNG"``, ...). ``mode``: the
+    Pillow mode of the decoded image before conversion to RGB (``"P"``, ``"I;16"``, ...).
+    """
+
+    array: np.ndarray
+    original_size: tuple[int, int]
+    format: str
+    mode: str
+
+
+def _sniff_allowed_format(data: bytes) -> str | None:
+    for name, magic in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _format_mb(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Validate and decode ``data``; return an RGB image with EXIF orientation applied.
+
+    Raises a :class:`PreprocessingError` subclass; see the module docstring for the order.
+    """
+    image, _ = _decode(data, limits)
+    return image
+
+
+def _decode(data: bytes, limits: ImageLimits) -> tuple[Image.Image, Image.Image]:
+    """Return ``(rgb_image, loaded_source_image)``; the source keeps format and mode."""
+    if not data:
+        raise EmptyFileError()
+    if len(data) > limits.max_bytes:
+        raise FileTooLargeError(
+            f"the file is {_format_mb(len(data))}; the limit is {_format_mb(limits.max_bytes)}"
+        )
+
+    try:
+        # Lazy: reads the header only. formats= makes Pillow refuse other formats up front.
+        source = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except _BOMB_ERRORS as err:
+        raise TooManyPixelsError(f"the image has too many pixels ({err})") from err
+    except (UnidentifiedImageError, *_DECODE_ERRORS) as err:
+        sniffed = _sniff_allowed_format(data)
+        if sniffed is not None:
+            raise CorruptImageError(
+                f"the file looks like {sniffed} but its header is broken"
+            ) from err
+        raise UnsupportedImageError() from err
+
+    width, height = source.size
+    if width * height > limits.max_pixels:
+        raise TooManyPixelsError(
+            f"the image is {width}x{height} = {width * height:,} pixels; "
+            f"the limit is {limits.max_pixels:,}"
+        )
+
+    try:
+        source.load()  # decodes frame 0 only; truncated data raises OSError here
+    except _BOMB_ERRORS as err:
+        raise TooManyPixelsError(f"the image has too many pixels ({err})") from err
+    except _DECODE_ERRORS as err:
+        raise CorruptImageError(f"the {source.format} data is truncated or corrupt") from err
+
+    try:
+        oriented = ImageOps.exif_transpose(source)
+    except _DECODE_ERRORS:
+        # A broken EXIF block should not reject an image whose pixels are fine; browsers
+        # also ignore unreadable orientation tags.
+        oriented = source
+
+    try:
+        rgb = to_rgb(oriented)
+    except ValueError as err:
+        raise UnsupportedImageError(f"unsupported image mode {oriented.mode!r}") from err
+    return rgb, source
+
+
+def _integer_to_l(image: Image.Image) -> Image.Image:
+    """Scale an ``I;16*`` / ``I`` image to 8-bit ``L`` by its bit depth (no clipping)."""
+    values = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        wide = values.astype(np.uint32)
+        scaled = (wide + 128) // 257  # round(v / 257): 0 -> 0, 65535 -> 255
+    else:  # "I": int32
+        clipped = np.clip(values.astype(np.int64), 0, None)
+        fits_16_bit = clipped.max(initial=0) <= 0xFFFF
+        scaled = (clipped + 128) // 257 if fits_16_bit else clipped >> 24
+    return Image.fromarray(scaled.astype(np.uint8))
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB as described in the module docstring."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        return _integer_to_l(image).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")  # applies palette / colour-key transparency
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_model_input(image: Image.Image, size: int = 32) -> np.ndarray:
+    """Resize ``image`` to ``size x size`` (bicubic, no crop) and return uint8 ``[3, size, size]``.
+
+    Non-RGB images are converted with :func:`to_rgb` first.
+    """
+    rgb = to_rgb(image)
+    if rgb.size != (size, size):
+        # Bicubic in Pillow is a convolution whose support scales with the reduction
+        # factor, so downscaling is antialiased.
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    hwc = np.asarray(rgb, dtype=np.uint8)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+
+
+def preprocess(data: bytes, limits: ImageLimits, size: int = 32) -> PreparedImage:
+    """Validate, decode and resize an upload; see the module docstring."""
+    rgb, source = _decode(data, limits)
+    return PreparedImage(
+        array=to_model_input(rgb, size),
+        original_size=rgb.size,
+        format=source.format or "unknown",
+        mode=source.mode,
+    )

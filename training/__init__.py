@@ -1,0 +1,1 @@
+"""SeedNet training: model, data, training loop, export and publishing."""

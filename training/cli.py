@@ -1,0 +1,185 @@
+"""`python -m training ...`: train, evaluate, pack-data, export, register."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.model import ARCHITECTURES
+from training.recipes import RECIPES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line: 'error: <reason>' and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a SeedNet on CIFAR-10")
+    t.add_argument("--recipe", choices=sorted(RECIPES), default="seed")
+    t.add_argument("--arch", choices=sorted(ARCHITECTURES), default="seednet")
+    t.add_argument(
+        "--data",
+        default="../shared/cifar10",
+        help="JPEG folder, packed file, or torchvision:ROOT (downloads)",
+    )
+    t.add_argument("--epochs", type=_positive, help="default: the recipe's")
+    t.add_argument("--batch-size", type=_positive, help="default: the recipe's")
+    t.add_argument("--lr", type=float, help="peak lr (default: the recipe's, batch-scaled)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--limit-per-class", type=_positive, help="first K images of each class")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument(
+        "--stop-after", type=_positive, help="stop after this many epochs in total (resume later)"
+    )
+    t.add_argument(
+        "--eval-every",
+        type=_positive,
+        default=1,
+        help="evaluate on the test set every N epochs (and at the end)",
+    )
+    t.add_argument("--register", metavar="NAME", help="publish the run to the registry")
+    t.add_argument("--root", default="models", help="registry root for --register")
+
+    e = sub.add_parser("evaluate", help="print the accuracy table of a run or checkpoint")
+    e.add_argument("source", help="run directory, registry version directory or checkpoint.pt")
+    e.add_argument("--data", default="../shared/cifar10")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--limit-per-class", type=_positive)
+    e.add_argument("--batch-size", type=_positive, default=500)
+
+    p = sub.add_parser("pack-data", help="pack a JPEG ImageFolder copy into one file")
+    p.add_argument("src", type=Path)
+    p.add_argument("dest", type=Path)
+
+    x = sub.add_parser("export", help="export a run to TorchScript and ONNX, checked")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--out", type=Path, required=True)
+
+    r = sub.add_parser("register", help="publish an existing run to the registry")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--name", required=True)
+    r.add_argument("--root", default="models")
+    r.add_argument("--alias", help="also point this alias (e.g. production) at it")
+    r.add_argument(
+        "--no-exports",
+        action="store_true",
+        help="do not build the derived TorchScript/ONNX exports now",
+    )
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.data import check_source
+    from training.train import TrainSettings, train
+
+    check_source(args.data)  # fail fast, before importing data into memory
+    if args.register:
+        from service.registry import validate_name
+
+        validate_name(args.register)
+    settings = TrainSettings(
+        recipe=args.recipe,
+        data=args.data,
+        out=args.out,
+        arch=args.arch,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        limit_per_class=args.limit_per_class,
+        seed=args.seed,
+        resume=args.resume,
+        compile=args.compile,
+        stop_after=args.stop_after,
+        eval_every=args.eval_every,
+    )
+    summary = train(settings)
+    if args.register and summary:
+        from training.publish import publish_run
+
+        mv = publish_run(Path(args.out), args.register, Path(args.root))
+        print(f"published {mv.name}@{mv.version} to {args.root}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.data import load_split
+    from training.evaluation import evaluate, format_table
+    from training.loading import load_model
+    from training.train import resolve_device
+
+    device = resolve_device(args.device)
+    model, info = load_model(Path(args.source))
+    model.to(device)
+    data = load_split(args.data, "test", args.limit_per_class).to(device)
+    ev = evaluate(model, data, batch_size=args.batch_size)
+    print(format_table(ev, f"{args.source} ({info}), fp32, {len(data)} test images"))
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from training.data import pack_folder
+
+    result = pack_folder(args.src, args.dest)
+    print(
+        f"packed {result['train']} train + {result['test']} test images into {args.dest} "
+        f"({result['bytes'] / 1e6:.1f} MB)"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import export_run
+
+    report = export_run(args.run_dir, args.out)
+    print(report.table())
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    from training.publish import publish_run
+
+    mv = publish_run(
+        args.run_dir, args.name, Path(args.root), alias=args.alias, exports=not args.no_exports
+    )
+    print(f"published {mv.name}@{mv.version} to {args.root}")
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "pack-data": _pack,
+    "export": _export,
+    "register": _register,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, RuntimeError, OSError) as exc:
+        # Input problems (missing data, bad settings) get one line, not a traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

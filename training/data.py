@@ -1,0 +1,344 @@
+"""CIFAR-10 sources behind one interface, plus batched tensor augmentation.
+
+Sources (all give the standard class order and uint8 ``[N, 3, 32, 32]`` pixels):
+
+- a JPEG ImageFolder copy (``train/<class>/*.jpg``, ``test/<class>/*.jpg``),
+- ``torchvision.datasets.CIFAR10`` (``torchvision:ROOT`` downloads into ROOT),
+- a packed single file of the JPEG bytes (``python -m training pack-data``), so a
+  remote GPU machine receives one ~57 MB file instead of 60,000 small ones.
+
+Images are decoded once per run and kept as uint8 tensors; augmentation works
+on whole batches on whatever device holds them (the GPU during training).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+# Per-channel mean/std of the CIFAR-10 training set (pixels scaled to 0..1).
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+SPLITS = ("train", "test")
+PACK_MAGIC = b"SEEDNET-CIFAR-PACK\n"
+TORCHVISION_PREFIX = "torchvision:"
+
+
+class DataError(ValueError):
+    """A data source that cannot be read; the message says why."""
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split, in memory."""
+
+    images: Tensor  # uint8 [N, 3, 32, 32]
+    labels: Tensor  # int64 [N]
+    classes: tuple[str, ...] = CIFAR10_CLASSES
+    description: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(
+            self.images.to(device), self.labels.to(device), self.classes, self.description
+        )
+
+
+# ----------------------------------------------------------------- decoding
+def decode_jpeg_bytes(blobs: Sequence[bytes], workers: int | None = None) -> np.ndarray:
+    """Decode encoded images to uint8 ``[N, 3, H, W]`` with Pillow (what the service uses)."""
+
+    def one(blob: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(blob)) as im:
+            return np.asarray(im.convert("RGB"))
+
+    if not blobs:
+        return np.zeros((0, 3, 32, 32), dtype=np.uint8)
+    # Pillow releases the GIL while decoding, so threads use every core.
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(one, blobs, chunksize=256))
+    return np.stack(arrays).transpose(0, 3, 1, 2).copy()
+
+
+def _take_per_class(labels: Sequence[int], limit: int | None) -> list[int]:
+    """Indices of the first ``limit`` items of each class, in their original order."""
+    if limit is None:
+        return list(range(len(labels)))
+    seen: dict[int, int] = {}
+    keep = []
+    for i, y in enumerate(labels):
+        if seen.get(y, 0) < limit:
+            seen[y] = seen.get(y, 0) + 1
+            keep.append(i)
+    return keep
+
+
+# ----------------------------------------------------------------- sources
+def _folder_files(root: Path, split: str) -> tuple[list[Path], list[int]]:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{root} has no '{split}' folder (expected {split}/<class>/*.jpg)")
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if tuple(found) != CIFAR10_CLASSES:
+        raise DataError(f"{split_dir} must hold the 10 CIFAR-10 class folders, found {found}")
+    files: list[Path] = []
+    labels: list[int] = []
+    for y, name in enumerate(CIFAR10_CLASSES):
+        class_files = sorted(p for p in (split_dir / name).iterdir() if p.is_file())
+        files += class_files
+        labels += [y] * len(class_files)
+    return files, labels
+
+
+def _load_folder(root: Path, split: str, limit: int | None) -> ImageSet:
+    files, labels = _folder_files(root, split)
+    keep = _take_per_class(labels, limit)
+    blobs = [files[i].read_bytes() for i in keep]
+    images = decode_jpeg_bytes(blobs)
+    return ImageSet(
+        torch.from_numpy(images),
+        torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+        description={"source": "jpeg-folder", "path": str(root), "split": split},
+    )
+
+
+def _read_pack_header(f) -> dict:
+    magic = f.read(len(PACK_MAGIC))
+    if magic != PACK_MAGIC:
+        raise DataError(f"{getattr(f, 'name', 'file')} is not a packed CIFAR-10 file")
+    (size,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(size))
+
+
+def _load_pack(path: Path, split: str, limit: int | None) -> ImageSet:
+    with open(path, "rb") as f:
+        header = _read_pack_header(f)
+        base = f.tell()
+        if split not in header["splits"]:
+            raise DataError(f"{path} holds no '{split}' split")
+        info = header["splits"][split]
+        labels, lengths = info["labels"], info["lengths"]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]) + base + info["offset"]
+        keep = _take_per_class(labels, limit)
+        blobs = []
+        for i in keep:
+            f.seek(int(offsets[i]))
+            blobs.append(f.read(lengths[i]))
+    if tuple(header["classes"]) != CIFAR10_CLASSES:
+        raise DataError(f"{path} has classes {header['classes']}, not CIFAR-10's")
+    return ImageSet(
+        torch.from_numpy(decode_jpeg_bytes(blobs)),
+        torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+        description={
+            "source": "packed",
+            "path": str(path),
+            "split": split,
+            "packed_from": header.get("source"),
+        },
+    )
+
+
+def _load_torchvision(root: str, split: str, limit: int | None) -> ImageSet:
+    from torchvision.datasets import CIFAR10
+
+    ds = CIFAR10(root, train=split == "train", download=True)
+    if tuple(ds.classes) != CIFAR10_CLASSES:
+        raise DataError(f"torchvision CIFAR10 classes differ: {ds.classes}")
+    keep = _take_per_class(list(ds.targets), limit)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data[keep].transpose(0, 3, 1, 2)))
+    labels = torch.tensor([ds.targets[i] for i in keep], dtype=torch.int64)
+    return ImageSet(
+        images, labels, description={"source": "torchvision", "path": root, "split": split}
+    )
+
+
+def load_split(source: str | Path, split: str, limit_per_class: int | None = None) -> ImageSet:
+    """Load one split ("train" or "test") from any of the three sources.
+
+    ``source`` is a JPEG folder, a packed file, or ``torchvision:ROOT``.
+    ``limit_per_class`` keeps the first K images of each class (tests, smoke runs).
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if limit_per_class is not None and limit_per_class < 1:
+        raise DataError("--limit-per-class must be at least 1")
+    text = str(source)
+    if text.startswith(TORCHVISION_PREFIX):
+        result = _load_torchvision(
+            text[len(TORCHVISION_PREFIX) :] or "data", split, limit_per_class
+        )
+    else:
+        path = Path(text)
+        if path.is_file():
+            result = _load_pack(path, split, limit_per_class)
+        elif path.is_dir():
+            result = _load_folder(path, split, limit_per_class)
+        else:
+            raise DataError(
+                f"data source {text!r} does not exist (a JPEG folder, a packed "
+                f"file or torchvision:ROOT)"
+            )
+    result.description["count"] = len(result)
+    if limit_per_class is not None:
+        result.description["limit_per_class"] = limit_per_class
+    return result
+
+
+def check_source(source: str | Path) -> None:
+    """Fail fast, with a one-line reason, before any heavy work."""
+    text = str(source)
+    if text.startswith(TORCHVISION_PREFIX):
+        return
+    path = Path(text)
+    if path.is_file():
+        with open(path, "rb") as f:
+            _read_pack_header(f)
+    elif path.is_dir():
+        for split in SPLITS:
+            _folder_files(path, split)
+    else:
+        raise DataError(f"data source {text!r} does not exist")
+
+
+def pack_folder(src: Path, dest: Path) -> dict:
+    """Pack a JPEG ImageFolder copy into one file of its raw bytes (no re-encoding)."""
+    header: dict = {"format": 1, "classes": list(CIFAR10_CLASSES), "source": str(src), "splits": {}}
+    blobs: list[bytes] = []
+    offset = 0
+    for split in SPLITS:
+        files, labels = _folder_files(src, split)
+        data = [p.read_bytes() for p in files]
+        lengths = [len(b) for b in data]
+        header["splits"][split] = {"labels": labels, "lengths": lengths, "offset": offset}
+        offset += sum(lengths)
+        blobs += data
+    encoded = json.dumps(header).encode()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(PACK_MAGIC)
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, dest)
+    return {split: len(header["splits"][split]["labels"]) for split in SPLITS} | {
+        "bytes": dest.stat().st_size
+    }
+
+
+# ----------------------------------------------------------------- tensors
+def normalize(
+    images: Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+) -> Tensor:
+    """uint8 ``[N, 3, H, W]`` -> float32 normalised by the CIFAR-10 mean/std."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255.0
+    return (images.float() - m) / s
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The report's augmentation (pad + random crop, horizontal flip), plus optional cutout."""
+
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0  # side of a zeroed square (0 = off)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if self.crop_padding:
+            x = random_crop(x, self.crop_padding, generator)
+        if self.flip:
+            x = random_flip(x, generator)
+        if self.cutout:
+            x = cutout(x, self.cutout, generator)
+        return x
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Zero a ``size`` x ``size`` square at a random centre (may overlap the border)."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), generator=generator, device=x.device)
+    cx = torch.randint(0, w, (n,), generator=generator, device=x.device)
+    ys = torch.arange(h, device=x.device)[None, :]
+    xs = torch.arange(w, device=x.device)[None, :]
+    in_y = (ys >= (cy - size // 2)[:, None]) & (ys < (cy - size // 2 + size)[:, None])
+    in_x = (xs >= (cx - size // 2)[:, None]) & (xs < (cx - size // 2 + size)[:, None])
+    mask = in_y[:, :, None] & in_x[:, None, :]
+    return x.masked_fill(mask[:, None], 0)
+
+
+def batches(
+    data: ImageSet,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    augmentation: Augmentation | None = None,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (uint8 images, labels) batches; shuffled and augmented when a generator is given.
+
+    With ``world_size > 1`` every rank draws the same permutation and takes its own
+    interleaved shard, so ranks see disjoint images (DistributedSampler's scheme).
+    """
+    n = len(data)
+    device = data.images.device
+    if generator is not None:
+        order = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    else:
+        order = torch.arange(n, device=device)
+    order = order[rank::world_size]
+    stop = len(order)
+    if drop_last and stop >= batch_size:  # a slice smaller than one batch still trains
+        stop -= stop % batch_size
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        x = data.images[idx]
+        if augmentation is not None and generator is not None:
+            x = augmentation(x, generator)
+        yield x, data.labels[idx]
