@@ -1,0 +1,1 @@
+"""One router per resource: predict, attention, models, health (and request metrics)."""

@@ -1,0 +1,180 @@
+"""The training CLI on the CPU: artefacts, exact resume, DDP under torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+ARTEFACTS = [
+    "config.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "model.safetensors",
+    "summary.json",
+    "confusion_matrix.json",
+    "confusion_matrix.png",
+    "curves.png",
+    "attention_per_class.json",
+    "test_predictions.json",
+]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train_args(data, out, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--recipe",
+        "seed",
+        "--arch",
+        "seednet-small",
+        "--data",
+        str(data),
+        "--limit-per-class",
+        "10",
+        "--batch-size",
+        "20",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def test_two_epochs_lower_the_loss_and_write_every_artefact(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*train_args(cifar_dir, out, "--epochs", "2"))
+    assert r.returncode == 0, r.stderr
+    for name in ARTEFACTS:
+        assert (out / name).stat().st_size > 0, name
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    for key in ("train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"):
+        assert key in history[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["test_accuracy"] <= 1 and len(summary["per_class_accuracy"]) == 10
+    confusion = json.loads((out / "confusion_matrix.json").read_text())["matrix"]
+    assert sum(map(sum, confusion)) == 100
+    att = json.loads((out / "attention_per_class.json").read_text())
+    assert att["blocks"] == 7
+    for rows in att["by_true_class"].values():
+        assert len(rows) == 7 and all(abs(sum(w) - 1) < 1e-4 for w in rows)
+    assert "final model" in r.stdout
+
+
+def test_resume_continues_at_the_right_epoch_with_the_same_result(cifar_dir, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["--epochs", "2"]
+    assert run_cli(*train_args(cifar_dir, whole, *common)).returncode == 0
+    first = run_cli(*train_args(cifar_dir, split, *common, "--stop-after", "1"))
+    assert first.returncode == 0 and "continue with --resume" in first.stdout
+    assert not (split / "model.safetensors").exists()
+    second = run_cli(*train_args(cifar_dir, split, *common, "--resume"))
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout and "epoch   2/2" in second.stdout
+    assert "epoch   1/2" not in second.stdout
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert all((a[k] == b[k]).all() for k in a)
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_fast_recipe_runs_with_ema(cifar_dir, tmp_path):
+    out = tmp_path / "fast"
+    r = run_cli(
+        "train",
+        "--recipe",
+        "fast",
+        "--arch",
+        "seednet-small",
+        "--data",
+        str(cifar_dir),
+        "--limit-per-class",
+        "5",
+        "--batch-size",
+        "25",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["weights"] == "ema"
+    assert "ema_test_accuracy" in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_gloo(cifar_dir, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "training",
+            *train_args(cifar_dir, out, "--epochs", "1"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/cifar", "--out", "/tmp/x"], "does not exist"),
+        (["--recipe", "nope", "--out", "/tmp/x"], "invalid choice"),
+        (["--epochs", "0", "--out", "/tmp/x"], "at least 1"),
+        (["--batch-size", "-3", "--out", "/tmp/x"], "at least 1"),
+    ],
+    ids=["missing-data", "unknown-recipe", "zero-epochs", "negative-batch"],
+)
+def test_bad_cli_input_exits_non_zero_with_one_line(args, message):
+    r = run_cli("train", *args, timeout=120)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.strip().splitlines() if "Warning" not in x and x.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_evaluate_prints_an_accuracy_table(cifar_dir, tiny_run):
+    r = run_cli(
+        "evaluate",
+        str(tiny_run),
+        "--data",
+        str(cifar_dir),
+        "--limit-per-class",
+        "5",
+        "--device",
+        "cpu",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "overall" in r.stdout and "truck" in r.stdout and "flip TTA" in r.stdout
