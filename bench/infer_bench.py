@@ -12,32 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from timing import device_name, seconds_per_call
 
 from training.data import CIFAR10_MEAN, CIFAR10_STD
 from training.loading import load_model
 from training.model import ARCHITECTURES, InferenceModel, build_model
 from training.train import resolve_device
-
-
-def _timeit(fn: Callable[[], object], iters: int, device: torch.device) -> float:
-    """Seconds per call, after warm-up."""
-    for _ in range(3):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters
 
 
 def _cuda_graph(fn: Callable[[torch.Tensor], object], example: torch.Tensor):
@@ -94,7 +79,7 @@ def run(
         x = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, device=device)
         for name, prec, fn in variants:
             iters_b = max(5, iters if b <= 256 else iters // 4)
-            sec = _timeit(lambda fn=fn, x=x: fn(x), iters_b, device)
+            sec = seconds_per_call(lambda fn=fn, x=x: fn(x), iters_b, device)
             rows.append(
                 {
                     "backend": name,
@@ -107,7 +92,7 @@ def run(
             )
             if cuda_graphs and device.type == "cuda" and name == "eager":
                 replay = _cuda_graph(fn, x)
-                sec = _timeit(replay, iters_b, device)
+                sec = seconds_per_call(replay, iters_b, device)
                 rows.append(
                     {
                         "backend": name,
@@ -146,13 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         net, what = build_model(ARCHITECTURES[args.arch]).eval(), f"{args.arch} (random init)"
     model = InferenceModel(net, CIFAR10_MEAN, CIFAR10_STD)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else (
-            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        )
-    )
+    name = device_name(device)
     print(
         f"# infer_bench {what} on {name}, torch {torch.__version__}, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"

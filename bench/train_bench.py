@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
+from timing import device_name, seconds_per_call
 
 from training.data import Augmentation, normalize
 from training.model import ARCHITECTURES, build_model
@@ -47,16 +46,7 @@ def bench_batch(
         loss.backward()
         opt.step()
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t0)
+    return batch / seconds_per_call(step, steps, device, warmup)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else (
-            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        )
-    )
+    name = device_name(device)
     print(
         f"# train_bench {args.arch} on {name}, torch {torch.__version__}, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"

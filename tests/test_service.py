@@ -337,3 +337,43 @@ def test_promote_during_load_has_no_failed_request(served_registry, tmp_path, ci
             'seednet_model_info{backend="torchscript",device="cpu",name="tiny",version="2"}'
             in metrics
         )
+
+
+def test_serve_bench_runs_against_the_service(server, cifar_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/serve_bench.py",
+            "--url",
+            server.url,
+            "--kinds",
+            "single",
+            "multi",
+            "--multi-images",
+            "4",
+            "--concurrency",
+            "2",
+            "--requests",
+            "6",
+            "--warmup",
+            "0",
+            "--images",
+            str(cifar_dir / "test"),
+            "--max-images",
+            "40",
+            "--metrics",
+            "--fail-on-error",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.split()[:1] in (["single"], ["multi"])]
+    assert len(rows) == 2 and all(line.split()[4] == "0" for line in rows)  # no errors
