@@ -1,86 +1,30 @@
 """The FastAPI application: ``create_app(settings)``.
 
 Nothing is loaded at import time. The lifespan resolves the configured registry
-version, verifies its files, loads and warms the model up, and only then reports
-ready; until then /predict answers 503.
+version, verifies its files, loads and warms the model up; uvicorn accepts connections
+only once that is done, so /health/ready answers 200 from the first request on.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from service.config import Settings
-from service.errors import ApiError, install_error_handlers
-from service.inference import Batcher, BatchStats, ServingModel
+from service.errors import install_error_handlers
+from service.inference import Batcher, BatchStats
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.registry import Registry
+from service.routes import attention, health, models, predict
+from service.routes.observability import install_request_metrics
+from service.state import ServiceState
 
-log = logging.getLogger("seednet.app")
 PACKAGE_DIR = Path(__file__).parent
-
-
-@dataclass
-class ServiceState:
-    """Everything the routes share, hung on ``app.state.service``."""
-
-    settings: Settings
-    registry: Registry
-    metrics: Metrics
-    limits: ImageLimits
-    model: ServingModel | None = None
-    batcher: Batcher | None = None
-    swap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    started: float = field(default_factory=time.time)
-
-    def require_model(self) -> ServingModel:
-        if self.model is None:
-            raise ApiError(503, "not_ready", "the model is still loading; retry shortly")
-        return self.model
-
-    async def load(self, ref: str, name: str | None = None) -> ServingModel:
-        """Load ``name@ref`` next to the serving model, then swap it in atomically.
-
-        Requests keep flowing to the old model during the load; a batch that already
-        started finishes on the model it started with, so no request fails.
-        """
-        s = self.settings
-        async with self.swap_lock:
-            mv = self.registry.resolve(name or s.model_name, ref)
-            model = await asyncio.to_thread(
-                ServingModel.load,
-                self.registry,
-                mv,
-                s.backend,
-                s.device,
-                s.materialize_exports,
-                s.cuda_graphs,
-            )
-            previous, self.model = self.model, model
-            self.metrics.set_model(model.info)
-            if previous is not None:
-                self.metrics.model_swaps.inc()
-            log.info(
-                "serving %s@%s (%s on %s)",
-                mv.name,
-                mv.version,
-                model.info["backend"],
-                model.info["device"],
-            )
-            return model
-
-
-def get_state(request: Request) -> ServiceState:
-    return request.app.state.service
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -122,9 +66,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = state
     app.state.templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
     install_error_handlers(app)
-
-    from service.routes import attention, health, models, predict
-    from service.routes.observability import install_request_metrics
 
     install_request_metrics(app, metrics)
     for module in (predict, attention, models, health):

@@ -7,9 +7,9 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from service.app import get_state
 from service.errors import ApiError
 from service.registry import NotFoundError
+from service.state import get_state
 
 router = APIRouter(tags=["attention"])
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.app import get_state
+from service.state import get_state
 
 router = APIRouter(tags=["health"])
 

@@ -7,9 +7,9 @@ import secrets
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from service.app import get_state
 from service.errors import ApiError
 from service.registry import NotFoundError, RegistryError
+from service.state import get_state
 
 router = APIRouter(tags=["models"])
 

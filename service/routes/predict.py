@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.app import get_state
 from service.errors import ApiError
 from service.preprocessing import (
     FileTooLargeError,
@@ -22,6 +21,7 @@ from service.preprocessing import (
     PreprocessingError,
     preprocess,
 )
+from service.state import get_state
 
 router = APIRouter(tags=["predict"])
 
