@@ -42,6 +42,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "main",
+    "validate_name",
 ]
 
 # Used with fullmatch(): a "$" anchor would let a trailing newline through.

@@ -154,8 +154,9 @@ def test_torchrun_two_processes_on_gloo(cifar_dir, tmp_path):
         (["--recipe", "nope", "--out", "/tmp/x"], "invalid choice"),
         (["--epochs", "0", "--out", "/tmp/x"], "at least 1"),
         (["--batch-size", "-3", "--out", "/tmp/x"], "at least 1"),
+        (["--register", "../escape", "--out", "/tmp/x"], "invalid name"),
     ],
-    ids=["missing-data", "unknown-recipe", "zero-epochs", "negative-batch"],
+    ids=["missing-data", "unknown-recipe", "zero-epochs", "negative-batch", "bad-register"],
 )
 def test_bad_cli_input_exits_non_zero_with_one_line(args, message):
     r = run_cli("train", *args, timeout=120)

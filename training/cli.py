@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from service.registry import RegistryError
 from training.model import ARCHITECTURES
 from training.recipes import RECIPES
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError, RegistryError) as exc:
         # Input problems (missing data, bad settings) get one line, not a traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
