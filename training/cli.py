@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="CUDA: bitwise-reproducible kernels (CPU runs always are); slower",
+    )
+    t.add_argument(
         "--stop-after", type=_positive, help="stop after this many epochs in total (resume later)"
     )
     t.add_argument(
@@ -108,6 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         compile=args.compile,
+        deterministic=args.deterministic,
         stop_after=args.stop_after,
         eval_every=args.eval_every,
     )

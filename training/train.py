@@ -62,6 +62,7 @@ class TrainSettings:
     seed: int = 0
     resume: bool = False
     compile: bool = False
+    deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (slower)
     stop_after: int | None = None  # stop after this many epochs in total (time-sliced jobs)
     eval_every: int = 1
 
@@ -161,9 +162,13 @@ def train(settings: TrainSettings) -> dict:
         dist_local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(dist_local)
         device = torch.device("cuda", dist_local)
-        torch.backends.cudnn.benchmark = True
+        # cuDNN autotuning is fast but picks kernels by timing: bitwise reruns need it off
+        torch.backends.cudnn.benchmark = not settings.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if settings.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dist = _Dist(device)
     out = Path(settings.out)
     cfg = ARCHITECTURES[settings.arch]
