@@ -51,7 +51,6 @@ def evaluate(
     total_loss = torch.zeros((), device=device)
     preds: list[Tensor] = []
     tta_preds: list[Tensor] = []
-    att_sums: Tensor | None = None
     att_rows: list[Tensor] = []
     for x, y in batches(data, batch_size):
         xf = normalize(x, mean, std)
@@ -68,7 +67,6 @@ def evaluate(
             tta_preds.append((logits.softmax(1) + logits_flip.float().softmax(1)).argmax(1))
         att = torch.stack([a.float() for a in attentions], dim=1)  # [B, blocks, L]
         att_rows.append(att)
-        att_sums = att.sum(0) if att_sums is None else att_sums + att.sum(0)
     model.train(was_training)
 
     labels = data.labels
@@ -98,7 +96,7 @@ def evaluate(
         predictions=pred.tolist(),
         attention_by_true_class=attention_by(labels),
         attention_by_predicted_class=attention_by(pred),
-        attention_overall=(att_sums / n).tolist() if att_sums is not None else [],
+        attention_overall=att_all.mean(0).tolist(),
     )
 
 

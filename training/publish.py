@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from service.registry import ModelVersion, Registry
 from training.export import GOLDEN_FILE, check_images_from, golden_set, inference_model, materialize
-from training.model import SeedNetConfig, count_macs, count_parameters
+from training.model import SeedNetConfig, build_model, count_macs, count_parameters
 
 # Run artefacts copied into the version as they are (all small except the weights).
 RUN_FILES = (
@@ -29,13 +29,13 @@ def version_metadata(run_dir: Path) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     model_cfg = SeedNetConfig.from_dict(config["model_config"])
-    model = inference_model(config["model_config"], run_dir / "model.safetensors")
     return {
         "model": {
             "architecture": "SeedNet",
             "arch": config["arch"],
             "config": config["model_config"],
-            "parameters": count_parameters(model.model),
+            # counted on an uninitialised build: the weights need not be loaded for this
+            "parameters": count_parameters(build_model(model_cfg, init=False)),
             "macs_per_image": count_macs(model_cfg),
             "blocks": model_cfg.num_blocks,
             "branches_per_block": model_cfg.branches_per_block,

@@ -454,9 +454,9 @@ def finish_run(
         "data_seconds": data_seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "weights": "ema" if run_config["recipe"]["ema_decay"] else "final",
+        # the JPEG folder and the packed file hold the q75 re-encoded copy
         "dataset": "CIFAR-10 (JPEG q75 copy)"
-        if "jpeg" in json.dumps(run_config["dataset"]).lower()
-        or "pack" in json.dumps(run_config["dataset"])
+        if test_set.description.get("source") in ("jpeg-folder", "packed")
         else "CIFAR-10",
         "test_images": len(test_set),
     }
