@@ -49,8 +49,8 @@ COPY pyproject.toml ./
 # Stub packages (and an empty stand-in for the README.md pyproject names): `pip install .`
 # resolves and installs exactly pyproject's dependencies (no second requirements list);
 # the stub itself is uninstalled again.
-RUN mkdir -p training service \
-    && touch training/__init__.py service/__init__.py README.md \
+RUN mkdir -p seednet registry training service \
+    && touch seednet/__init__.py registry/__init__.py training/__init__.py service/__init__.py README.md \
     && pip install "setuptools>=68" wheel \
     && pip install --no-build-isolation ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} . \
     && pip uninstall -y seednet \
@@ -61,6 +61,8 @@ RUN mkdir -p training service \
 FROM deps AS build
 # README.m[d]: copied when present (pyproject's `readme`), no error when absent.
 COPY pyproject.toml README.m[d] ./
+COPY seednet/ seednet/
+COPY registry/ registry/
 COPY training/ training/
 COPY service/ service/
 RUN { [ -f README.md ] || : > README.md; } \

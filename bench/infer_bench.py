@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from timing import device_name, seconds_per_call
 
-from training.data import CIFAR10_MEAN, CIFAR10_STD
+from seednet.constants import CIFAR10_MEAN, CIFAR10_STD
+from seednet.device import resolve_device
+from seednet.graph import InferenceModel
+from seednet.model import ARCHITECTURES, build_model
 from training.loading import load_model
-from training.model import ARCHITECTURES, InferenceModel, build_model
-from training.train import resolve_device
 
 
 def _cuda_graph(fn: Callable[[torch.Tensor], object], example: torch.Tensor):

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from timing import device_name, seconds_per_call
 
-from training.data import Augmentation, normalize
-from training.model import ARCHITECTURES, build_model
-from training.train import resolve_device
+from seednet.device import resolve_device
+from seednet.graph import Normalize
+from seednet.model import ARCHITECTURES, build_model
+from training.data import Augmentation
 
 
 def bench_batch(
@@ -34,6 +35,7 @@ def bench_batch(
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     aug = Augmentation(cutout=12)
+    normalize = Normalize().to(device)
 
     def step() -> None:
         x = normalize(aug(images, gen))

@@ -8,5 +8,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
         || echo "warning: could not install chromium; the browser test will be skipped" >&2
 fi
-.venv/bin/ruff check training service bench tests
+.venv/bin/ruff check seednet registry training service bench tests
 exec .venv/bin/python -m pytest -q "$@"

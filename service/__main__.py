@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import uvicorn
 
@@ -10,13 +11,24 @@ from service.app import create_app
 from service.config import Settings
 
 
-def main() -> None:
-    settings = Settings()
+def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # (the ONNX exporter's INFO chatter is silenced where it runs: seednet.export)
+    # TorchScript is an export format chosen on purpose; torch marks all of it deprecated.
+    warnings.filterwarnings("ignore", r"`torch\.jit\..*` is deprecated", FutureWarning)
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
     )
 
 

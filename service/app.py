@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app(settings)``.
 
-Nothing is loaded at import time. The lifespan resolves the configured registry
-version, verifies its files, loads and warms the model up; uvicorn accepts connections
-only once that is done, so /health/ready answers 200 from the first request on.
+Nothing is loaded at import time. The lifespan starts the batcher (the model thread),
+then resolves the configured registry version, verifies its files, builds missing exports,
+loads and warms the model up on the model thread; uvicorn accepts connections only once
+that is done, so /health/ready answers 200 from the first request on.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from registry import Registry
+from service.batching import Batcher, BatchStats
 from service.config import Settings
+from service.deps import require_model
 from service.errors import install_error_handlers
-from service.inference import Batcher, BatchStats
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
-from service.registry import Registry
 from service.routes import attention, health, models, predict
 from service.routes.observability import install_request_metrics
 from service.state import ServiceState
@@ -42,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.batcher = Batcher(
-            lambda: state.require_model(),
+            lambda: require_model(state),
             max_batch_size=settings.max_batch_size if settings.batching else 10**9,
             max_wait=settings.max_batch_wait_ms / 1000,
             enabled=settings.batching,

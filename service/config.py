@@ -40,3 +40,4 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    access_log: bool = Field(True, description="one log line per request (uvicorn's access log)")

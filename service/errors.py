@@ -1,4 +1,9 @@
-"""One JSON error shape for every failure: {"error": {"code", "message", "status"}}."""
+"""Every failure as one JSON shape, ``{"error": {"code", "message", "status"}}``.
+
+Domain errors (registry, model loading, exports, image preprocessing) know nothing of
+HTTP; :data:`STATUS_BY_ERROR` maps them to a status here, once, and the handlers below
+turn any of them into a response. Routes raise and never catch them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.preprocessing import PreprocessingError
+from registry.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidNameError,
+    NotFoundError,
+    RegistryError,
+)
+from seednet.export import ExportError
+from service.backends import ModelLoadError
+from service.preprocessing import (
+    CorruptImageError,
+    EmptyFileError,
+    FileTooLargeError,
+    PreprocessingError,
+    TooManyPixelsError,
+    UnsupportedImageError,
+)
 
 log = logging.getLogger("seednet.errors")
 
@@ -17,12 +38,37 @@ log = logging.getLogger("seednet.errors")
 class ApiError(Exception):
     """An error with an HTTP status, a machine-readable code and a sentence for a person."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None):
+# Most specific first: the first class an error is an instance of wins.
+STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (NotFoundError, 404),
+    (InvalidNameError, 422),
+    (ConflictError, 409),
+    (IntegrityError, 409),  # the version's files differ from what was published
+    (RegistryError, 409),
+    (ModelLoadError, 409),  # the version exists but cannot be served here
+    (ExportError, 409),
+    (EmptyFileError, 422),
+    (CorruptImageError, 422),
+    (FileTooLargeError, 413),
+    (TooManyPixelsError, 413),
+    (UnsupportedImageError, 415),
+    (PreprocessingError, 400),
+)
+
+
+def http_status(exc: Exception) -> int:
+    """The HTTP status of a domain error (500 for anything unmapped)."""
+    return next((status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls)), 500)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message, "status": status}},
         status_code=status,
@@ -41,16 +87,20 @@ _HTTP_CODES = {
     422: "invalid_request",
     503: "not_ready",
 }
+_DOMAIN_ERRORS = tuple(cls for cls, _ in STATUS_BY_ERROR)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
-    @app.exception_handler(PreprocessingError)
-    async def _image(_: Request, exc: PreprocessingError):
-        return error_response(exc.status_code, exc.code, str(exc))
+    async def _domain(_: Request, exc: Exception):
+        code = getattr(exc, "code", None) or "error"
+        return error_response(http_status(exc), code, " ".join(str(exc).split()))
+
+    for cls in _DOMAIN_ERRORS:
+        app.add_exception_handler(cls, _domain)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

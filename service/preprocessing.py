@@ -5,8 +5,8 @@ Pipeline (:func:`preprocess`)::
     bytes -> size checks -> Image.open (header only) -> pixel check -> load (decode)
           -> EXIF orientation -> RGB -> resize to size x size -> uint8 [3, H, W]
 
-Every refusal is a :class:`PreprocessingError` subclass that carries the HTTP status and a
-machine-readable ``code``; this module knows nothing about FastAPI.
+Every refusal is a :class:`PreprocessingError` subclass with a machine-readable ``code``
+(the service maps each class to an HTTP status); this module knows nothing about FastAPI.
 
 Checks, cheapest first, so that hostile input costs as little as possible:
 
@@ -120,11 +120,11 @@ class ImageLimits:
 class PreprocessingError(Exception):
     """Base class: the upload cannot be turned into a model input.
 
-    ``status_code`` is the HTTP status to answer with, ``code`` a stable machine-readable
-    identifier and ``message`` (also ``str(err)``) a human-readable explanation.
+    ``code`` is a stable machine-readable identifier and ``message`` (also ``str(err)``) a
+    human-readable explanation; the service maps each class to an HTTP status
+    (``service.errors``).
     """
 
-    status_code: int = 400
     code: str = "bad_image"
     default_message: str = "the uploaded file could not be processed"
 
@@ -134,31 +134,26 @@ class PreprocessingError(Exception):
 
 
 class EmptyFileError(PreprocessingError):
-    status_code = 422
     code = "empty_file"
     default_message = "the uploaded file is empty"
 
 
 class FileTooLargeError(PreprocessingError):
-    status_code = 413
     code = "file_too_large"
     default_message = "the uploaded file is too large"
 
 
 class TooManyPixelsError(PreprocessingError):
-    status_code = 413
     code = "too_many_pixels"
     default_message = "the image has too many pixels"
 
 
 class UnsupportedImageError(PreprocessingError):
-    status_code = 415
     code = "unsupported_media_type"
     default_message = f"not a supported image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
 
 
 class CorruptImageError(PreprocessingError):
-    status_code = 422
     code = "corrupt_image"
     default_message = "the image data is truncated or corrupt"
 

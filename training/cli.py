@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from service.registry import RegistryError
-from training.model import ARCHITECTURES
+from registry import RegistryError
+from seednet.model import ARCHITECTURES
 from training.recipes import RECIPES
 
 
@@ -97,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
     check_source(args.data)  # fail fast, before importing data into memory
     if args.register:
-        from service.registry import validate_name
+        from registry import validate_name
 
         validate_name(args.register)
     settings = TrainSettings(
@@ -127,10 +128,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from seednet.device import resolve_device
     from training.data import load_split
     from training.evaluation import evaluate, format_table
     from training.loading import load_model
-    from training.train import resolve_device
 
     device = resolve_device(args.device)
     model, info = load_model(Path(args.source))
@@ -180,6 +181,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TorchScript is an export format chosen on purpose; torch marks all of it deprecated.
+    warnings.filterwarnings("ignore", r"`torch\.jit\..*` is deprecated", FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

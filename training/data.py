@@ -27,21 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
-# Per-channel mean/std of the CIFAR-10 training set (pixels scaled to 0..1).
-CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+from seednet.constants import CIFAR10_CLASSES
 
 SPLITS = ("train", "test")
 PACK_MAGIC = b"SEEDNET-CIFAR-PACK\n"
@@ -254,15 +240,6 @@ def pack_folder(src: Path, dest: Path) -> dict:
 
 
 # ----------------------------------------------------------------- tensors
-def normalize(
-    images: Tensor, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
-) -> Tensor:
-    """uint8 ``[N, 3, H, W]`` -> float32 normalised by the CIFAR-10 mean/std."""
-    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255.0
-    return (images.float() - m) / s
-
-
 @dataclass(frozen=True)
 class Augmentation:
     """The report's augmentation (pad + random crop, horizontal flip), plus optional cutout."""

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.data import CIFAR10_MEAN, CIFAR10_STD, ImageSet, batches, normalize
+from seednet.constants import CIFAR10_MEAN, CIFAR10_STD
+from seednet.graph import Normalize
+from training.data import ImageSet, batches
 
 
 @dataclass
@@ -47,13 +49,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = data.images.device
+    normalize = Normalize(mean, std).to(device)
     n_classes = len(data.classes)
     total_loss = torch.zeros((), device=device)
     preds: list[Tensor] = []
     tta_preds: list[Tensor] = []
     att_rows: list[Tensor] = []
     for x, y in batches(data, batch_size):
-        xf = normalize(x, mean, std)
+        xf = normalize(x)
         if device.type == "cuda":
             xf = xf.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

@@ -6,16 +6,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from training.model import SeedNet, SeedNetConfig, build_model
-
-
-def model_from_weights(config: dict, weights: Path) -> SeedNet:
-    """A model in eval mode from a config dict and a safetensors file (no pickle)."""
-    model = build_model(SeedNetConfig.from_dict(config), init=False)
-    model.load_state_dict(load_file(str(weights)))
-    return model.eval()
+from registry import Registry
+from registry.manifest import MANIFEST_FILE, WEIGHTS_FILE
+from seednet.graph import model_from_weights
+from seednet.model import SeedNet, SeedNetConfig, build_model
 
 
 def load_model(source: Path) -> tuple[SeedNet, str]:
@@ -26,12 +21,12 @@ def load_model(source: Path) -> tuple[SeedNet, str]:
         model = build_model(SeedNetConfig.from_dict(config), init=False)
         model.load_state_dict(ckpt["model"])
         return model.eval(), f"checkpoint, epoch {ckpt['epoch']}"
-    if (source / "manifest.json").exists():
-        manifest = json.loads((source / "manifest.json").read_text())
-        return (
-            model_from_weights(manifest["model"]["config"], source / "weights.safetensors"),
-            f"registry {manifest['name']}@{manifest['version']}",
-        )
+    if (source / MANIFEST_FILE).exists():
+        # a version folder: <root>/<name>/<version>; load it through the registry (verified)
+        registry = Registry(source.parent.parent)
+        mv = registry.resolve(source.parent.name, source.name)
+        weights = registry.open_verified(mv, WEIGHTS_FILE)
+        return model_from_weights(mv.manifest.model.config, weights), f"registry {mv.ref}"
     if (source / "model.safetensors").exists():
         config = json.loads((source / "config.json").read_text())["model_config"]
         return model_from_weights(config, source / "model.safetensors"), "run"

@@ -8,9 +8,19 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from service.registry import ModelVersion, Registry
-from training.export import GOLDEN_FILE, check_images_from, golden_set, inference_model, materialize
-from training.model import SeedNetConfig, build_model, count_macs, count_parameters
+from registry import ModelVersion, Registry
+from registry.manifest import (
+    GOLDEN_FILE,
+    WEIGHTS_FILE,
+    InputSpec,
+    Metrics,
+    ModelInfo,
+    Normalization,
+    VersionSpec,
+)
+from seednet.export import golden_set, materialize
+from seednet.model import SeedNetConfig, build_model, count_macs, count_parameters
+from training.export import check_images_from, run_graph
 
 # Run artefacts copied into the version as they are (all small except the weights).
 RUN_FILES = (
@@ -22,42 +32,36 @@ RUN_FILES = (
     "attention_per_class.json",
     "test_predictions.json",
 )
+_METRICS = ("test_accuracy", "test_accuracy_flip_tta", "test_loss", "per_class_accuracy")
 
 
-def version_metadata(run_dir: Path) -> dict:
-    """The manifest's content (the registry adds name, version, files, created, revision)."""
+def version_spec(run_dir: Path) -> VersionSpec:
+    """What the manifest says of a run (the registry adds name, version, files, ...)."""
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     model_cfg = SeedNetConfig.from_dict(config["model_config"])
-    return {
-        "model": {
-            "architecture": "SeedNet",
-            "arch": config["arch"],
-            "config": config["model_config"],
+    norm = config["normalization"]
+    return VersionSpec(
+        model=ModelInfo(
+            architecture="SeedNet",
+            arch=config["arch"],
+            config=config["model_config"],
             # counted on an uninitialised build: the weights need not be loaded for this
-            "parameters": count_parameters(build_model(model_cfg, init=False)),
-            "macs_per_image": count_macs(model_cfg),
-            "blocks": model_cfg.num_blocks,
-            "branches_per_block": model_cfg.branches_per_block,
-        },
-        "recipe": config["recipe"],
-        "dataset": config["dataset"] | {"description": summary.get("dataset")},
-        "metrics": {
-            k: summary.get(k)
-            for k in (
-                "test_accuracy",
-                "test_accuracy_flip_tta",
-                "test_loss",
-                "per_class_accuracy",
-                "test_images",
-            )
-        },
-        "training": {k: summary.get(k) for k in ("epochs", "train_seconds", "device", "weights")},
-        "class_names": config["class_names"],
-        "input": {"size": config["input_size"], "dtype": "uint8", "layout": "NCHW RGB"},
-        "input_size": config["input_size"],
-        "normalization": config["normalization"],
-    }
+            parameters=count_parameters(build_model(model_cfg, init=False)),
+            macs_per_image=count_macs(model_cfg),
+            blocks=model_cfg.num_blocks,
+            branches_per_block=model_cfg.branches_per_block,
+        ),
+        class_names=tuple(config["class_names"]),
+        normalization=Normalization(mean=tuple(norm["mean"]), std=tuple(norm["std"])),
+        input=InputSpec(size=tuple(config["input_size"])),
+        metrics=Metrics(
+            **{k: summary.get(k) for k in _METRICS}, test_images=summary.get("test_images")
+        ),
+        recipe=config["recipe"],
+        dataset=config["dataset"] | {"description": summary.get("dataset")},
+        training={k: summary.get(k) for k in ("epochs", "train_seconds", "device", "weights")},
+    )
 
 
 def publish_run(
@@ -74,19 +78,16 @@ def publish_run(
     any machine can prove that derived exports compute the same thing.
     """
     registry = Registry(root)
-    metadata = version_metadata(run_dir)
+    spec = version_spec(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    model = inference_model(
-        config["model_config"], run_dir / "model.safetensors", config["normalization"]
-    )
     images = check_images_from(config["settings"]["data"])
-    files: dict[str, Path] = {"weights.safetensors": run_dir / "model.safetensors"}
+    files: dict[str, Path] = {WEIGHTS_FILE: run_dir / "model.safetensors"}
     files |= {f: run_dir / f for f in RUN_FILES if (run_dir / f).exists()}
     with tempfile.TemporaryDirectory() as tmp:
         golden = Path(tmp) / GOLDEN_FILE
-        save_file(golden_set(model, images), str(golden))
+        save_file(golden_set(run_graph(run_dir), images), str(golden))
         files[GOLDEN_FILE] = golden
-        mv = registry.publish(name, files, metadata, parent=parent)
+        mv = registry.publish(name, files, spec, parent=parent)
     if exports:
         materialize(registry, mv)
     if alias:

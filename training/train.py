@@ -1,6 +1,8 @@
 """The training loop: recipes, checkpoints with exact resume, metrics and artefacts.
 
-A run directory holds, when training ends:
+``train()`` runs the phases in order: setup (device, data, model, optimiser, schedule,
+EMA), resume (exact state from checkpoint.pt), then per epoch: one pass over the data,
+evaluation, save; finally the artefacts. A run directory holds, when training ends:
 
     config.json                 model config, recipe, data, normalisation, classes
     metrics.jsonl               one line per epoch
@@ -15,31 +17,27 @@ A run directory holds, when training ends:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from training.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    Augmentation,
-    ImageSet,
-    batches,
-    load_split,
-    normalize,
-)
+from registry.files import write_atomic, write_json_atomic
+from seednet.constants import CIFAR10_MEAN, CIFAR10_STD, INPUT_SIZE
+from seednet.device import resolve_device
+from seednet.graph import Normalize, save_weights
+from seednet.model import ARCHITECTURES, SeedNet, build_model
+from training.data import Augmentation, ImageSet, batches, load_split
 from training.evaluation import Evaluation, evaluate, format_table
-from training.model import ARCHITECTURES, SeedNet, build_model
 from training.recipes import RECIPES, Recipe
 from training.reports import plot_confusion, plot_curves
 
@@ -65,16 +63,6 @@ class TrainSettings:
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (slower)
     stop_after: int | None = None  # stop after this many epochs in total (time-sliced jobs)
     eval_every: int = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
-    return torch.device(name)
 
 
 def onecycle(step: int, total: int, warmup_fraction: float) -> float:
@@ -137,10 +125,36 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+@dataclass
+class Run:
+    """The state of one training run, shared by its phases."""
+
+    settings: TrainSettings
+    recipe: Recipe
+    epochs: int
+    batch_size: int
+    lr: float
+    device: torch.device
+    dist: _Dist
+    out: Path
+    train_set: ImageSet
+    test_set: ImageSet
+    data_seconds: float
+    model: SeedNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: torch.optim.swa_utils.AveragedModel | None
+    data_gen: torch.Generator
+    run_config: dict
+    per_rank_batch: int
+    steps_per_epoch: int
+    normalize: Normalize
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+
+    @property
+    def use_bf16(self) -> bool:
+        return self.device.type == "cuda"
 
 
 def _log(msg: str) -> None:
@@ -149,6 +163,54 @@ def _log(msg: str) -> None:
 
 def train(settings: TrainSettings) -> dict:
     """Train (or resume) a run; returns the summary written to summary.json."""
+    run = setup(settings)
+    if settings.resume:
+        resume(run)
+    if run.dist.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.out / "config.json", run.run_config)
+    train_model = _wrap(run)
+    last_epoch = min(run.epochs, settings.stop_after or run.epochs)
+    for epoch in range(run.start_epoch + 1, last_epoch + 1):
+        record = train_one_epoch(run, train_model, epoch)
+        if run.dist.is_main:
+            if epoch % settings.eval_every == 0 or epoch == run.epochs:
+                record |= evaluate_epoch(run)
+            run.history.append(record)
+            _log(_epoch_line(record, run.epochs))
+            save_checkpoint(run, epoch)
+        run.dist.barrier()
+
+    summary: dict = {}
+    if run.dist.is_main and last_epoch == run.epochs:
+        final = run.ema.module if run.ema is not None else run.model
+        summary = finish_run(run, final)
+    elif run.dist.is_main:
+        _log(f"stopped after epoch {last_epoch} of {run.epochs}; continue with --resume")
+    run.dist.barrier()
+    run.dist.close()
+    return summary
+
+
+# ------------------------------------------------------------------ setup
+def _setup_device(settings: TrainSettings) -> torch.device:
+    device = resolve_device(settings.device)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        # cuDNN autotuning is fast but picks kernels by timing: bitwise reruns need it off
+        torch.backends.cudnn.benchmark = not settings.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if settings.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def setup(settings: TrainSettings) -> Run:
+    """Device, data, model, optimiser, schedule and EMA of a fresh run."""
     recipe = RECIPES[settings.recipe]
     epochs = settings.epochs if settings.epochs is not None else recipe.epochs
     batch_size = settings.batch_size or recipe.batch_size
@@ -157,20 +219,8 @@ def train(settings: TrainSettings) -> dict:
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     lr = settings.lr if settings.lr is not None else recipe.lr_for(batch_size)
-    device = resolve_device(settings.device)
-    if device.type == "cuda":
-        dist_local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(dist_local)
-        device = torch.device("cuda", dist_local)
-        # cuDNN autotuning is fast but picks kernels by timing: bitwise reruns need it off
-        torch.backends.cudnn.benchmark = not settings.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if settings.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = _setup_device(settings)
     dist = _Dist(device)
-    out = Path(settings.out)
     cfg = ARCHITECTURES[settings.arch]
 
     torch.manual_seed(settings.seed)
@@ -193,11 +243,10 @@ def train(settings: TrainSettings) -> dict:
     steps_per_epoch = max(1, rank_images // per_rank_batch)
     total_steps = steps_per_epoch * epochs
     if recipe.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: onecycle(s, total_steps, recipe.warmup_fraction)
-        )
+        factor = lambda s: onecycle(s, total_steps, recipe.warmup_fraction)  # noqa: E731
     else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        factor = lambda s: 1.0  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ema = None
     if recipe.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -220,141 +269,152 @@ def train(settings: TrainSettings) -> dict:
         },
         "class_names": list(train_set.classes),
         "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
-        "input_size": [32, 32],
+        "input_size": [INPUT_SIZE, INPUT_SIZE],
         "world_size": dist.world_size,
     }
+    return Run(
+        settings=settings,
+        recipe=recipe,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        dist=dist,
+        out=Path(settings.out),
+        train_set=train_set,
+        test_set=test_set,
+        data_seconds=data_seconds,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ema=ema,
+        data_gen=data_gen,
+        run_config=run_config,
+        per_rank_batch=per_rank_batch,
+        steps_per_epoch=steps_per_epoch,
+        normalize=Normalize(CIFAR10_MEAN, CIFAR10_STD).to(device),
+    )
 
-    history: list[dict] = []
-    start_epoch = 0
-    if settings.resume and (out / CHECKPOINT).exists():
-        ckpt = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
-        saved = json.loads(ckpt["run_config"])
-        for key in ("arch", "model_config", "recipe"):
-            if saved[key] != json.loads(json.dumps(run_config[key])):
-                raise ValueError(f"--resume: the run in {out} used a different {key}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        data_gen.set_state(ckpt["data_rng"].cpu())
-        torch.set_rng_state(ckpt["cpu_rng"].cpu())
-        if device.type == "cuda" and "cuda_rng" in ckpt:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
-        history = json.loads(ckpt["history"])
-        start_epoch = int(ckpt["epoch"])
-        if dist.is_main:
-            _log(f"resuming {out} after epoch {start_epoch}")
-    elif settings.resume and dist.is_main:
-        _log(f"--resume: no checkpoint in {out}, starting from scratch")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_json(out / "config.json", run_config)
 
-    train_model: nn.Module = model
-    if dist.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+def _wrap(run: Run) -> nn.Module:
+    """The module the loop calls: DDP across processes and/or torch.compile, as asked."""
+    module: nn.Module = run.model
+    if run.dist.enabled:
+        module = nn.parallel.DistributedDataParallel(
+            module, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
-    if settings.compile:
-        train_model = torch.compile(train_model)
+    if run.settings.compile:
+        module = torch.compile(module)
+    return module
+
+
+# ------------------------------------------------------------------ resume
+def resume(run: Run) -> None:
+    """Restore model, optimiser, schedule, EMA, RNGs and history from checkpoint.pt."""
+    path = run.out / CHECKPOINT
+    if not path.exists():
+        if run.dist.is_main:
+            _log(f"--resume: no checkpoint in {run.out}, starting from scratch")
+        return
+    ckpt = torch.load(path, map_location=run.device, weights_only=True)
+    saved = json.loads(ckpt["run_config"])
+    for key in ("arch", "model_config", "recipe"):
+        if saved[key] != json.loads(json.dumps(run.run_config[key])):
+            raise ValueError(f"--resume: the run in {run.out} used a different {key}")
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    run.data_gen.set_state(ckpt["data_rng"].cpu())
+    torch.set_rng_state(ckpt["cpu_rng"].cpu())
+    if run.device.type == "cuda" and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), run.device)
+    run.history = json.loads(ckpt["history"])
+    run.start_epoch = int(ckpt["epoch"])
+    if run.dist.is_main:
+        _log(f"resuming {run.out} after epoch {run.start_epoch}")
+
+
+# ------------------------------------------------------------------ one epoch
+def train_one_epoch(run: Run, train_model: nn.Module, epoch: int) -> dict:
+    """One pass over the (augmented, shuffled) training data; returns the epoch's record."""
+    recipe, device, dist = run.recipe, run.device, run.dist
+    run.model.train()
     augmentation = Augmentation(recipe.crop_padding, recipe.flip, recipe.cutout)
-    use_bf16 = device.type == "cuda"
     show_bar = dist.is_main and sys.stderr.isatty()
-    last_epoch = min(epochs, settings.stop_after or epochs)
-    train_seconds = sum(h["seconds"] for h in history)
-
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{epochs}",
-            disable=not show_bar,
-            leave=False,
-            dynamic_ncols=True,
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    bar = tqdm(
+        total=run.steps_per_epoch,
+        desc=f"epoch {epoch}/{run.epochs}",
+        disable=not show_bar,
+        leave=False,
+        dynamic_ncols=True,
+    )
+    for step, (x, y) in enumerate(
+        batches(
+            run.train_set,
+            run.per_rank_batch,
+            run.data_gen,
+            augmentation,
+            drop_last=True,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
-        for step, (x, y) in enumerate(
-            batches(
-                train_set,
-                per_rank_batch,
-                data_gen,
-                augmentation,
-                drop_last=True,
-                rank=dist.rank,
-                world_size=dist.world_size,
-            )
-        ):
-            xf = normalize(x)
-            if device.type == "cuda":
-                xf = xf.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits, _ = train_model(xf)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-            if show_bar:
-                bar.update(1)
-                if step % 20 == 0:
-                    elapsed = time.perf_counter() - t0
-                    bar.set_postfix(
-                        loss=f"{float(loss_sum) / seen:.3f}",
-                        acc=f"{100 * float(correct) / seen:.1f}%",
-                        img_s=f"{seen * dist.world_size / elapsed:.0f}",
-                    )
-        bar.close()
-        totals = dist.all_sum(
-            torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
-        )
+    ):
+        xf = run.normalize(x)
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        record = {
-            "epoch": epoch,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_accuracy": float(totals[1] / totals[2]),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
-            "images_per_second": float(totals[2]) / seconds,
-        }
-        if dist.is_main:
-            evaluate_now = epoch % settings.eval_every == 0 or epoch == epochs
-            if evaluate_now:
-                ev = evaluate(model, test_set, autocast=use_bf16, flip_tta=False)
-                record.update(test_loss=ev.loss, test_accuracy=ev.accuracy)
-                if ema is not None:
-                    ev_ema = evaluate(ema.module, test_set, autocast=use_bf16, flip_tta=False)
-                    record.update(ema_test_loss=ev_ema.loss, ema_test_accuracy=ev_ema.accuracy)
-            history.append(record)
-            _log(_epoch_line(record, epochs))
-            _save_checkpoint(
-                out, epoch, model, optimizer, scheduler, ema, data_gen, device, history, run_config
-            )
-            _write_metrics(out, history)
-        dist.barrier()
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            logits, _ = train_model(xf)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if show_bar:
+            bar.update(1)
+            if step % 20 == 0:
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(
+                    loss=f"{float(loss_sum) / seen:.3f}",
+                    acc=f"{100 * float(correct) / seen:.1f}%",
+                    img_s=f"{seen * dist.world_size / elapsed:.0f}",
+                )
+    bar.close()
+    totals = dist.all_sum(
+        torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {
+        "epoch": epoch,
+        "train_loss": float(totals[0] / totals[2]),
+        "train_accuracy": float(totals[1] / totals[2]),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "images_per_second": float(totals[2]) / seconds,
+    }
 
-    summary: dict = {}
-    if dist.is_main and last_epoch == epochs:
-        final = ema.module if ema is not None else model
-        summary = finish_run(
-            out, final, test_set, run_config, history, train_seconds, data_seconds, device
-        )
-    elif dist.is_main:
-        _log(f"stopped after epoch {last_epoch} of {epochs}; continue with --resume")
-    dist.barrier()
-    dist.close()
-    return summary
+
+# ------------------------------------------------------------------ evaluate
+def evaluate_epoch(run: Run) -> dict:
+    """Test loss and accuracy of the raw weights (and of the EMA when there is one)."""
+    ev = evaluate(run.model, run.test_set, autocast=run.use_bf16, flip_tta=False)
+    out = {"test_loss": ev.loss, "test_accuracy": ev.accuracy}
+    if run.ema is not None:
+        ev_ema = evaluate(run.ema.module, run.test_set, autocast=run.use_bf16, flip_tta=False)
+        out |= {"ema_test_loss": ev_ema.loss, "ema_test_accuracy": ev_ema.accuracy}
+    return out
 
 
 def _epoch_line(r: dict, epochs: int) -> str:
@@ -369,66 +429,44 @@ def _epoch_line(r: dict, epochs: int) -> str:
     return line + (f"  lr {r['lr']:.2e}  {r['seconds']:.1f}s  {r['images_per_second']:.0f} img/s")
 
 
-def _save_checkpoint(
-    out, epoch, model, optimizer, scheduler, ema, data_gen, device, history, run_config
-) -> None:
+# ------------------------------------------------------------------ save
+def save_checkpoint(run: Run, epoch: int) -> None:
+    """checkpoint.pt (everything --resume needs, weights_only-loadable) and metrics.jsonl."""
     ckpt = {
         "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "data_rng": data_gen.get_state(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "data_rng": run.data_gen.get_state(),
         "cpu_rng": torch.get_rng_state(),
         # JSON strings keep the checkpoint loadable with weights_only=True
-        "history": json.dumps(history),
-        "run_config": json.dumps(run_config),
+        "history": json.dumps(run.history),
+        "run_config": json.dumps(run.run_config),
     }
-    if ema is not None:
-        ckpt["ema"] = ema.state_dict()
-    if device.type == "cuda":
-        ckpt["cuda_rng"] = torch.cuda.get_rng_state(device)
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, out / CHECKPOINT)
+    if run.ema is not None:
+        ckpt["ema"] = run.ema.state_dict()
+    if run.device.type == "cuda":
+        ckpt["cuda_rng"] = torch.cuda.get_rng_state(run.device)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    write_atomic(run.out / CHECKPOINT, buf.getvalue(), durable=False)
+    metrics = "".join(json.dumps(h) + "\n" for h in run.history)
+    write_atomic(run.out / "metrics.jsonl", metrics, durable=False)
 
 
-def _write_metrics(out: Path, history: list[dict]) -> None:
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, out / "metrics.jsonl")
-
-
-def save_weights(model: SeedNet, path: Path) -> None:
-    state = {
-        k: v.detach().float().contiguous().cpu()
-        if v.is_floating_point()
-        else v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-    }
-    save_file(state, str(path), metadata={"format": "pt", "arch_config": model.config.to_json()})
-
-
-def finish_run(
-    out: Path,
-    model: SeedNet,
-    test_set: ImageSet,
-    run_config: dict,
-    history: list[dict],
-    train_seconds: float,
-    data_seconds: float,
-    device: torch.device,
-) -> dict:
+def finish_run(run: Run, model: SeedNet) -> dict:
     """Final fp32 evaluation and every artefact of the run."""
+    out, test_set, run_config, history = run.out, run.test_set, run.run_config, run.history
     ev: Evaluation = evaluate(model, test_set, autocast=False, flip_tta=True)
     save_weights(model, out / "model.safetensors")
     classes = run_config["class_names"]
-    _atomic_json(
+    write_json_atomic(
         out / "confusion_matrix.json",
         {"classes": classes, "rows": "true", "columns": "predicted", "matrix": ev.confusion},
     )
     plot_confusion(ev.confusion, classes, out / "confusion_matrix.png")
     plot_curves(history, out / "curves.png")
-    _atomic_json(
+    write_json_atomic(
         out / "attention_per_class.json",
         {
             "description": "mean softmax attention weights per intermediate block (network "
@@ -440,7 +478,7 @@ def finish_run(
             "overall": ev.attention_overall,
         },
     )
-    _atomic_json(
+    write_json_atomic(
         out / "test_predictions.json",
         {
             "dataset": run_config["dataset"]["test"],
@@ -448,10 +486,12 @@ def finish_run(
             "predictions": ev.predictions,
         },
     )
+    train_seconds = sum(h["seconds"] for h in history)
+    device = run.device
     summary = ev.summary() | {
         "epochs": len(history),
         "train_seconds": train_seconds,
-        "data_seconds": data_seconds,
+        "data_seconds": run.data_seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "weights": "ema" if run_config["recipe"]["ema_decay"] else "final",
         # the JPEG folder and the packed file hold the q75 re-encoded copy
@@ -460,7 +500,7 @@ def finish_run(
         else "CIFAR-10",
         "test_images": len(test_set),
     }
-    _atomic_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     _log(
         format_table(
             ev, f"final model ({summary['weights']} weights), fp32, {len(test_set)} test images"

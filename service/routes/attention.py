@@ -7,25 +7,21 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
-from service.errors import ApiError
-from service.registry import NotFoundError
-from service.state import get_state
+from registry.manifest import ATTENTION_REFERENCE_FILE
+from service.deps import ModelDep, RegistryDep, State
 
 router = APIRouter(tags=["attention"])
 
-REFERENCE_FILE = "attention_per_class.json"
-
 
 @router.get("/attention", response_class=HTMLResponse, summary="Attention visualisation page")
-async def attention_page(request: Request) -> HTMLResponse:
-    state = get_state(request)
-    model = state.model.info if state.model is not None else {}
+async def attention_page(request: Request, state: State) -> HTMLResponse:
+    model = state.model
     return request.app.state.templates.TemplateResponse(
         request,
         "attention.html",
         {
-            "model": model,
-            "classes": state.model.class_names if state.model is not None else [],
+            "model": model.info if model is not None else {},
+            "classes": model.class_names if model is not None else [],
             "static_url": str(request.url_for("static", path="")).rstrip("/"),
             "max_upload_bytes": state.settings.max_upload_bytes,
         },
@@ -33,14 +29,7 @@ async def attention_page(request: Request) -> HTMLResponse:
 
 
 @router.get("/attention/reference", summary="Mean attention per block per class (test set)")
-async def attention_reference(request: Request) -> dict:
-    state = get_state(request)
-    model = state.require_model()
-    try:
-        path = state.registry.open_verified(model.version, REFERENCE_FILE)
-    except NotFoundError:
-        raise ApiError(
-            404, "not_found", f"{model.version.ref} has no per-class attention data"
-        ) from None
-    data = json.loads(path.read_text())
-    return {"model": model.info} | data
+async def attention_reference(model: ModelDep, registry: RegistryDep) -> dict:
+    # NotFoundError (a version without the file) is a 404, mapped in service.errors
+    path = registry.open_verified(model.version, ATTENTION_REFERENCE_FILE)
+    return {"model": model.info} | json.loads(path.read_text())

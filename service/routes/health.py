@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.state import get_state
+from service.deps import State
 
 router = APIRouter(tags=["health"])
 
@@ -21,13 +21,12 @@ async def live() -> dict:
     summary="A model is loaded and warmed up",
     responses={503: {"description": "still loading"}},
 )
-async def ready(request: Request):
-    state = get_state(request)
+async def ready(state: State):
     if state.model is None:
         return JSONResponse({"status": "loading"}, status_code=503)
     return {"status": "ready", "model": state.model.info}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,62 +1,48 @@
-"""GET /models, and the admin routes that reload or promote the serving model."""
+"""GET /models, and the admin routes that reload or promote the serving model.
+
+Registry and load errors are not caught here: ``service.errors`` maps them (404 unknown
+version, 409 conflict / integrity / cannot load, 422 invalid name).
+"""
 
 from __future__ import annotations
 
-import secrets
+from functools import partial
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from service.errors import ApiError
-from service.registry import NotFoundError, RegistryError
-from service.state import get_state
+from service.deps import Admin, RegistryDep, State
 
 router = APIRouter(tags=["models"])
 
 
-def require_admin(request: Request) -> None:
-    """Bearer-token check: 401 without credentials, 403 with wrong ones or when disabled."""
-    token = get_state(request).settings.admin_token
-    header = request.headers.get("authorization", "")
-    if not header.lower().startswith("bearer "):
-        raise ApiError(
-            401, "unauthorized", "this route needs 'Authorization: Bearer <SEEDNET_ADMIN_TOKEN>'"
-        )
-    if not token:
-        raise ApiError(
-            403, "forbidden", "admin routes are disabled: the server has no SEEDNET_ADMIN_TOKEN"
-        )
-    if not secrets.compare_digest(header[7:].strip().encode(), token.encode()):
-        raise ApiError(403, "forbidden", "the admin token is not valid")
-
-
 @router.get("/models", summary="Registry models, versions, aliases, metrics, and what serves")
-async def list_models(request: Request) -> dict:
-    state = get_state(request)
-    reg = state.registry
+async def list_models(state: State, registry: RegistryDep) -> dict:
     out = []
-    for name in reg.names():
-        aliases = reg.aliases(name)
+    for name in registry.names():
         versions = []
-        for mv in reg.versions(name):
-            m = mv.manifest
-            versions.append(
-                {
-                    "version": mv.version,
-                    "aliases": sorted(a for a, v in aliases.items() if v == mv.version),
-                    "created": m.get("created"),
-                    "arch": m.get("model", {}).get("arch"),
-                    "parameters": m.get("model", {}).get("parameters"),
-                    "metrics": {
-                        k: v for k, v in m.get("metrics", {}).items() if k != "per_class_accuracy"
-                    },
-                    "parent": m.get("parent"),
+        for mv in registry.versions(name):
+            entry: dict = {"version": mv.version, "aliases": registry.aliases_of(mv)}
+            if mv.problem is not None:
+                entry["problem"] = mv.problem
+            else:
+                m = mv.manifest
+                metrics = {
+                    k: v
+                    for k, v in vars(m.metrics).items()
+                    if k != "per_class_accuracy" and v is not None
                 }
-            )
-        out.append({"name": name, "aliases": aliases, "versions": versions})
-    serving = state.model.info if state.model is not None else None
+                entry |= {
+                    "created": m.created,
+                    "arch": m.model.arch,
+                    "parameters": m.model.parameters,
+                    "metrics": metrics,
+                    "parent": m.parent,
+                }
+            versions.append(entry)
+        out.append({"name": name, "aliases": registry.aliases(name), "versions": versions})
     return {
-        "serving": serving,
+        "serving": state.model.info if state.model is not None else None,
         "requested": {"name": state.settings.model_name, "ref": state.settings.model_ref},
         "models": out,
     }
@@ -69,37 +55,29 @@ class PromoteRequest(BaseModel):
 
 @router.post(
     "/models/reload",
-    dependencies=[Depends(require_admin)],
+    dependencies=[Admin],
     summary="Re-resolve the configured alias and swap the serving model",
 )
-async def reload_model(request: Request) -> dict:
-    state = get_state(request)
-    try:
-        model = await state.load(state.settings.model_ref)
-    except NotFoundError as exc:
-        raise ApiError(404, "not_found", str(exc)) from None
+async def reload_model(state: State) -> dict:
+    model = await state.load(state.settings.model_ref)
     return {"serving": model.info}
 
 
 @router.post(
     "/models/{name}/promote",
-    dependencies=[Depends(require_admin)],
+    dependencies=[Admin],
     summary="Point an alias at a version; swaps the serving model if it is served",
 )
-async def promote(name: str, body: PromoteRequest, request: Request) -> dict:
-    state = get_state(request)
+async def promote(name: str, body: PromoteRequest, state: State, registry: RegistryDep) -> dict:
     s = state.settings
-    try:
-        state.registry.resolve(name, body.version)  # 404 before anything changes
-        serves_it = name == s.model_name and body.alias == s.model_ref
-        if serves_it:
-            # load first, then move the alias: a version that cannot load is never promoted
-            await state.load(body.version, name)
-        state.registry.set_alias(name, body.alias, body.version)
-    except NotFoundError as exc:
-        raise ApiError(404, "not_found", str(exc)) from None
-    except RegistryError as exc:
-        raise ApiError(409, "conflict", str(exc)) from None
+    registry.resolve(name, body.version)  # 404 before anything changes
+    move_alias = partial(registry.set_alias, name, body.alias, body.version)
+    if name == s.model_name and body.alias == s.model_ref:
+        # Load first, move the alias, then swap: a version that cannot load is never
+        # promoted, and a failed alias write leaves the old model serving.
+        await state.load(body.version, name, commit=move_alias)
+    else:
+        move_alias()
     return {
         "name": name,
         "alias": body.alias,

@@ -5,27 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ApiError
-from service.preprocessing import (
-    FileTooLargeError,
-    ImageLimits,
-    PreparedImage,
-    PreprocessingError,
-    preprocess,
-)
-from service.state import get_state
+from service.deps import ModelDep, State
+from service.preprocessing import ImageLimits, PreparedImage, PreprocessingError, preprocess
+from service.serving import ServingModel
+from service.uploads import Upload, read_uploads
 
 router = APIRouter(tags=["predict"])
-
-MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries allowed on top of the files
 
 
 class ModelRef(BaseModel):
@@ -101,15 +93,6 @@ MULTIPART_BODY = {
 }
 
 
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise FileTooLargeError(
-            f"{upload.filename or 'the file'} is larger than the limit of {limit} bytes"
-        )
-    return data
-
-
 def _png_data_url(array: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(array.transpose(1, 2, 0)).save(buf, format="PNG")
@@ -125,75 +108,40 @@ def _png_data_url(array: np.ndarray) -> str:
 )
 async def predict(
     request: Request,
-    top_k: int = Query(3, ge=1, le=10, description="how many top classes to list"),
-    include_input: bool = Query(False, description="return the 32x32 model input as PNG"),
+    state: State,
+    _model: ModelDep,  # 503 before reading a body while no model is loaded
+    top_k: Annotated[int, Query(ge=1, le=10, description="how many top classes to list")] = 3,
+    include_input: Annotated[
+        bool, Query(description="return the 32x32 model input as PNG")
+    ] = False,
 ) -> PredictResponse:
-    state = get_state(request)
-    s = state.settings
-    state.require_model()
-    declared = request.headers.get("content-length")
-    body_limit = s.max_images_per_request * s.max_upload_bytes + MULTIPART_OVERHEAD
-    if declared and declared.isdigit() and int(declared) > body_limit:
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"the request body is {declared} bytes; at most {body_limit} accepted",
-        )
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise ApiError(
-            422,
-            "invalid_request",
-            "send the images as multipart/form-data in a field 'file' or 'files'",
-        )
-    try:
-        form = await request.form(max_files=s.max_images_per_request, max_fields=100)
-    except StarletteHTTPException as exc:
-        detail = str(exc.detail)
-        if "Too many files" in detail:
-            raise ApiError(
-                413, "too_many_images", f"at most {s.max_images_per_request} images per request"
-            ) from None
-        raise ApiError(
-            422, "invalid_multipart", f"the multipart body is malformed: {detail}"
-        ) from None
-    try:
-        uploads = [v for key in ("file", "files") for v in form.getlist(key)]
-        if any(not isinstance(u, UploadFile) for u in uploads):
-            raise ApiError(
-                422, "invalid_request", "'file' and 'files' must be file uploads, not text fields"
-            )
-        if not uploads:
-            raise ApiError(
-                422,
-                "missing_file",
-                "no image found: send it in a multipart field named 'file' (or several in 'files')",
-            )
-        if len(uploads) > s.max_images_per_request:
-            raise ApiError(
-                413,
-                "too_many_images",
-                f"{len(uploads)} images sent; at most {s.max_images_per_request} per request",
-            )
-        blobs = [await _read_limited(u, s.max_upload_bytes) for u in uploads]
-        names = [u.filename for u in uploads]
-    finally:
-        await form.close()
-
+    uploads = await read_uploads(request, state.settings)
     # Decoding is CPU work: do it off the event loop.
-    prepared: list[PreparedImage] = await asyncio.to_thread(
-        lambda: [_prepare(b, n, state.limits) for b, n in zip(blobs, names, strict=True)]
+    prepared = await asyncio.to_thread(
+        lambda: [_prepare(u.data, u.filename, state.limits) for u in uploads]
     )
-    images = np.stack([p.array for p in prepared])
-    (probs, attention), model = await state.batcher.submit(images)
+    (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
+    return build_response(model, uploads, prepared, probs, attention, top_k, include_input)
+
+
+def build_response(
+    model: ServingModel,
+    uploads: list[Upload],
+    prepared: list[PreparedImage],
+    probs: np.ndarray,
+    attention: np.ndarray,
+    top_k: int,
+    include_input: bool,
+) -> PredictResponse:
+    """One prediction per image, labelled by the model that computed it."""
     classes = model.class_names
     predictions = []
-    for i, p in enumerate(prepared):
+    for i, (upload, p) in enumerate(zip(uploads, prepared, strict=True)):
         row = probs[i]
         order = np.argsort(-row)
         predictions.append(
             Prediction(
-                filename=names[i],
+                filename=upload.filename,
                 label=classes[int(order[0])],
                 confidence=float(row[order[0]]),
                 probabilities={c: float(v) for c, v in zip(classes, row, strict=True)},

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from training.model import (
+from seednet.model import (
     ARCHITECTURES,
     BlockConfig,
     BranchConfig,
-    InferenceModel,
     IntermediateBlock,
     SeedNetConfig,
     build_model,
@@ -86,14 +85,15 @@ def test_branches_that_disagree_on_output_shape_are_refused():
 
 
 def test_inference_model_normalises_inside_the_graph():
-    from training.data import CIFAR10_MEAN, CIFAR10_STD, normalize
+    from seednet.constants import CIFAR10_MEAN, CIFAR10_STD
+    from seednet.graph import InferenceModel, Normalize
 
     net = build_model(ARCHITECTURES["seednet-small"]).eval()
     wrapped = InferenceModel(net, CIFAR10_MEAN, CIFAR10_STD).eval()
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         probs, att = wrapped(images)
-        logits, atts = net(normalize(images))
+        logits, atts = net(Normalize()(images))
     assert torch.allclose(probs, logits.softmax(1), atol=1e-5)
     assert att.shape == (5, 7, 2)
     assert torch.allclose(att, torch.stack(atts, 1), atol=1e-6)

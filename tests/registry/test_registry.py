@@ -1,4 +1,4 @@
-"""Tests for service.registry: real files in tmp_path, real threads, processes and CLI runs."""
+"""Tests for the registry package: real files in tmp_path, real threads, processes and CLI runs."""
 
 from __future__ import annotations
 
@@ -15,22 +15,33 @@ from pathlib import Path
 
 import pytest
 
-from service.registry import (
+from registry import (
     ConflictError,
     IntegrityError,
     InvalidNameError,
     ModelVersion,
     NotFoundError,
     Registry,
+    VersionSpec,
 )
+from registry.manifest import FileEntry, Metrics, ModelInfo, Normalization
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = b"\x00fake-safetensors" * 64
+
+
+def _spec(acc: float | None = None) -> VersionSpec:
+    return VersionSpec(
+        model=ModelInfo(architecture="SeedNet", arch="test", config={}),
+        class_names=("a", "b"),
+        normalization=Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        metrics=Metrics(test_accuracy=acc),
+    )
 
 
 def _publish(reg: Registry, name: str = "seednet", acc: float = 0.9, **kw) -> ModelVersion:
     files = {"weights.safetensors": WEIGHTS, "summary.json": b'{"ok": true}'}
-    return reg.publish(name, files, {"metrics": {"test_accuracy": acc}}, **kw)
+    return reg.publish(name, files, _spec(acc), **kw)
 
 
 def _flip_byte(path: Path, offset: int = 3) -> None:
@@ -64,7 +75,7 @@ def test_publish_list_get_promote_rollback(tmp_path: Path) -> None:
     assert reg.names() == []
     src = tmp_path / "w.bin"
     src.write_bytes(WEIGHTS)
-    v1 = reg.publish("seednet", {"weights.safetensors": src}, {"metrics": {"test_accuracy": 0.8}})
+    v1 = reg.publish("seednet", {"weights.safetensors": src}, _spec(0.8))
     v2 = _publish(reg, parent="seednet@1")
     v3 = _publish(reg)
     assert [v1.version, v2.version, v3.version] == ["1", "2", "3"]
@@ -72,15 +83,14 @@ def test_publish_list_get_promote_rollback(tmp_path: Path) -> None:
     assert [mv.version for mv in reg.versions("seednet")] == ["1", "2", "3"]
 
     m = reg.get("seednet@2").manifest
-    assert (m["name"], m["version"], m["parent"]) == ("seednet", "2", "seednet@1")
-    assert m["metrics"] == {"test_accuracy": 0.9}
-    assert m["created"].endswith("+00:00") and m["code_revision"]
-    assert m["files"]["weights.safetensors"] == {
-        "sha256": hashlib.sha256(WEIGHTS).hexdigest(),
-        "size": len(WEIGHTS),
-    }
+    assert (m.name, m.version, m.parent) == ("seednet", "2", "seednet@1")
+    assert m.metrics == Metrics(test_accuracy=0.9)
+    assert m.created.endswith("+00:00") and m.code_revision
+    assert m.files["weights.safetensors"] == FileEntry(
+        sha256=hashlib.sha256(WEIGHTS).hexdigest(), size=len(WEIGHTS)
+    )
     assert reg.get("seednet@2").file("summary.json").read_bytes() == b'{"ok": true}'
-    assert reg.get("seednet@1").manifest["parent"] is None
+    assert reg.get("seednet@1").manifest.parent is None
 
     # Bare name: latest until promoted, then production.
     assert reg.get("seednet").version == "3"
@@ -129,9 +139,9 @@ def test_invalid_names_refused_without_side_effects(tmp_path: Path, bad: str) ->
     root = tmp_path / "models"
     reg = Registry(root)
     with pytest.raises(InvalidNameError):
-        reg.publish(bad, {"w": b"1"}, {})
+        reg.publish(bad, {"w": b"1"}, _spec())
     with pytest.raises(InvalidNameError):
-        reg.publish("ok", {bad: b"1"}, {})
+        reg.publish("ok", {bad: b"1"}, _spec())
     with pytest.raises(InvalidNameError):
         reg.get(bad)
     assert not root.exists()
@@ -142,7 +152,7 @@ def test_reserved_file_names_refused(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     for reserved in ("manifest.json", "exports.json"):
         with pytest.raises(InvalidNameError):
-            reg.publish("m", {reserved: b"{}"}, {})
+            reg.publish("m", {reserved: b"{}"}, _spec())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -225,9 +235,10 @@ def test_hard_crash_mid_publish_is_invisible_and_cleaned_up(tmp_path: Path) -> N
     script = textwrap.dedent(
         f"""
         import os
-        from service.registry import Registry
+        from registry import Registry
+        from tests.registry.test_registry import _spec
         os.rename = lambda *a: os._exit(3)
-        Registry({str(tmp_path)!r}).publish("seednet", {{"w.bin": b"x" * 1000}}, {{}})
+        Registry({str(tmp_path)!r}).publish("seednet", {{"w.bin": b"x" * 1000}}, _spec())
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60)

@@ -31,11 +31,11 @@ def production_copy(tmp_path_factory):
 
 @pytest.mark.slow
 def test_served_production_model_gets_1000_test_images_right(production_copy, cifar_dir):
-    from service.registry import Registry
+    from registry import Registry
 
     mv = Registry(production_copy).get("seednet@production")
     recorded = json.loads((mv.path / "test_predictions.json").read_text())
-    classes = mv.manifest["class_names"]
+    classes = mv.manifest.class_names
     per_class_total = len(recorded["labels"]) // len(classes)
 
     files, expected_labels, recorded_preds = [], [], []

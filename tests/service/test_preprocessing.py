@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from service.errors import http_status
 from service.preprocessing import (
     CorruptImageError,
     EmptyFileError,
@@ -86,7 +87,7 @@ def test_error_classes_carry_status_and_code(
 ) -> None:
     err = cls()
     assert isinstance(err, PreprocessingError)
-    assert err.status_code == status
+    assert http_status(err) == status
     assert err.code == code
     assert err.message and str(err) == err.message
     assert str(cls("custom text")) == "custom text"
@@ -106,7 +107,7 @@ def test_limits_are_frozen_and_validated() -> None:
 
 def test_empty_file() -> None:
     err = expect_error(make.empty(), EmptyFileError)
-    assert err.status_code == 422
+    assert http_status(err) == 422
 
 
 def test_too_many_bytes_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,7 +117,7 @@ def test_too_many_bytes_is_refused_before_decoding(monkeypatch: pytest.MonkeyPat
     data = make.jpeg()
     monkeypatch.setattr(Image, "open", forbidden_open)
     err = expect_error(data, FileTooLargeError, ImageLimits(max_bytes=len(data) - 1))
-    assert err.status_code == 413
+    assert http_status(err) == 413
 
 
 def test_file_exactly_at_byte_limit_is_accepted() -> None:
@@ -130,7 +131,7 @@ def test_png_bomb_header_is_refused_fast_without_decoding(no_decoding: None) -> 
     start = time.perf_counter()
     err = expect_error(data, TooManyPixelsError)
     assert time.perf_counter() - start < 0.5
-    assert err.status_code == 413
+    assert http_status(err) == 413
 
 
 def test_pixel_limit_is_our_own_below_pillows_global_guard(no_decoding: None) -> None:
@@ -163,7 +164,7 @@ def test_decompression_bomb_warning_raised_as_error_is_mapped(no_decoding: None)
 )
 def test_unsupported_files(factory) -> None:
     err = expect_error(factory(), UnsupportedImageError)
-    assert err.status_code == 415
+    assert http_status(err) == 415
     assert err.code == "unsupported_media_type"
 
 
@@ -174,7 +175,7 @@ def test_unsupported_files(factory) -> None:
 )
 def test_corrupt_files(factory) -> None:
     err = expect_error(factory(), CorruptImageError)
-    assert err.status_code == 422
+    assert http_status(err) == 422
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
@@ -326,7 +327,7 @@ def test_module_does_not_change_pillow_globals_on_import() -> None:
         "import service.preprocessing\n"
         "assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 

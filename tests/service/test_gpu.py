@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.inference import load_backend
-from service.registry import Registry
+from registry import Registry
+from service.serving import load_backend
 
 pytestmark = [
     pytest.mark.gpu,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
-CAT_IMAGE = Path(__file__).resolve().parents[1].parent / "shared/cifar10/test/cat/0000.jpg"
+CAT_IMAGE = Path(__file__).resolve().parents[2].parent / "shared/cifar10/test/cat/0000.jpg"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

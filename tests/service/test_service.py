@@ -329,7 +329,7 @@ def test_promote_during_load_has_no_failed_request(served_registry, tmp_path, ci
         assert r.json()["serving"]["version"] == "2"
         assert failures == []
         assert versions[0] == "1" and versions[-1] == "2"
-        from service.registry import Registry
+        from registry import Registry
 
         assert Registry(root).aliases("tiny")["production"] == "2"
         metrics = httpx.get(f"{srv.url}/metrics").text
@@ -337,6 +337,60 @@ def test_promote_during_load_has_no_failed_request(served_registry, tmp_path, ci
             'seednet_model_info{backend="torchscript",device="cpu",name="tiny",version="2"}'
             in metrics
         )
+
+
+@pytest.mark.slow
+def test_reload_under_load_never_overlaps_a_batch(served_registry, tmp_path, cifar_dir):
+    """Load, warm-up (and CUDA-graph capture) run on the model thread, between batches.
+
+    Catches a load moved back to a thread of its own (``asyncio.to_thread``): its span
+    would then overlap the batches that keep running beside it.
+    """
+    root = tmp_path / "registry"
+    shutil.copytree(served_registry, root)
+    data = (cifar_dir / "test" / "cat" / "0000.jpg").read_bytes()
+    with LiveServer(
+        registry_root=root, model_name="tiny", device="cpu", admin_token=ADMIN_TOKEN
+    ) as srv:
+        spans: list[tuple[str, float, float]] = []
+        stats = srv.app.state.service.batcher.stats
+        stats.on_span = lambda kind, start, end: spans.append((kind, start, end))
+
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                stop = asyncio.Event()
+                statuses: list[int] = []
+
+                async def load():
+                    while not stop.is_set():
+                        r = await client.post(f"{srv.url}/predict", files={"file": ("c.jpg", data)})
+                        statuses.append(r.status_code)
+
+                workers = [asyncio.create_task(load()) for _ in range(8)]
+                await asyncio.sleep(0.5)
+                reloads = [
+                    await client.post(
+                        f"{srv.url}/models/reload",
+                        headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+                    )
+                    for _ in range(2)
+                ]
+                await asyncio.sleep(0.3)
+                stop.set()
+                await asyncio.gather(*workers)
+                return reloads, statuses
+
+        reloads, statuses = asyncio.run(run())
+    assert [r.status_code for r in reloads] == [200, 200]
+    assert statuses and set(statuses) == {200}
+    loads = [(a, b) for kind, a, b in spans if kind == "load"]
+    batches = [(a, b) for kind, a, b in spans if kind == "batch"]
+    assert len(loads) == 2
+    for la, lb in loads:
+        # traffic ran on both sides of each load, and never during it
+        assert any(b <= la for _, b in batches) and any(a >= lb for a, _ in batches)
+        overlapping = [(a, b) for a, b in batches if a < lb and b > la]
+        assert overlapping == [], f"batches ran during a model load: {overlapping}"
 
 
 def test_serve_bench_runs_against_the_service(server, cifar_dir):

@@ -309,7 +309,6 @@ __all__ = [
     "ARCHITECTURES",
     "BlockConfig",
     "BranchConfig",
-    "InferenceModel",
     "IntermediateBlock",
     "ResidualMacroBlock",
     "SeedNet",
@@ -321,27 +320,3 @@ __all__ = [
     "kaiming_init",
     "seednet_config",
 ]
-
-
-class InferenceModel(nn.Module):
-    """The served graph: uint8 images in, probabilities and stacked attention out.
-
-    Normalisation lives inside the graph so no client can get it wrong. All blocks
-    of the shipped architectures have the same number of branches L, so attention
-    is one ``[N, blocks, L]`` tensor.
-    """
-
-    def __init__(self, model: SeedNet, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        if len(set(model.config.branches_per_block)) != 1:
-            raise ValueError("InferenceModel needs the same number of branches in every block")
-        self.model = model
-        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std).view(1, 3, 1, 1)))
-        self.register_buffer(
-            "shift", torch.tensor(mean).view(1, 3, 1, 1) / torch.tensor(std).view(1, 3, 1, 1)
-        )
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = images.float() * self.scale - self.shift
-        logits, attentions = self.model(x)
-        return torch.softmax(logits.float(), dim=1), torch.stack(attentions, dim=1).float()

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from registry import IntegrityError, Registry
+from seednet.graph import Normalize
 from service.preprocessing import ImageLimits, preprocess
-from service.registry import IntegrityError, Registry
 from tests.conftest import REPO
-from training.data import load_split, normalize
+from training.data import load_split
 
 
 def test_published_exports_passed_parity_checks(served_registry):
@@ -59,7 +60,7 @@ def test_served_graph_matches_eager_preprocessing_and_model_on_real_jpegs(
 
     model, _ = load_model(mv.path)
     with torch.no_grad():
-        logits, atts = model(normalize(picked))
+        logits, atts = model(Normalize()(picked))
     eager_p, eager_a = logits.softmax(1).numpy(), torch.stack(atts, 1).numpy()
     ts = torch.jit.load(str(reg.open_verified(mv, "model.ts")))
     with torch.no_grad():
@@ -77,7 +78,7 @@ def test_served_graph_matches_eager_preprocessing_and_model_on_real_jpegs(
 def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, filename):
     import shutil
 
-    from service.inference import load_backend
+    from service.serving import load_backend
 
     root = tmp_path / "reg"
     shutil.copytree(served_registry, root)

@@ -1,0 +1,33 @@
+"""Registry errors. Each carries a stable ``code``; the service maps codes to HTTP once."""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base class for every registry error."""
+
+    code = "registry_error"
+
+
+class NotFoundError(RegistryError):
+    """A model, version, alias or file does not exist."""
+
+    code = "not_found"
+
+
+class InvalidNameError(RegistryError):
+    """A model, alias, version or file name is not acceptable."""
+
+    code = "invalid_name"
+
+
+class IntegrityError(RegistryError):
+    """A file is missing, unreadable or differs from its recorded size/sha256."""
+
+    code = "integrity_error"
+
+
+class ConflictError(RegistryError):
+    """The operation conflicts with the registry state (e.g. deleting an aliased version)."""
+
+    code = "conflict"

@@ -1,0 +1,227 @@
+"""The manifest of a published version, typed once; every reader and writer goes through it.
+
+``manifest.json`` is written by :meth:`registry.store.Registry.publish` and never changed
+afterwards. Schema history:
+
+- 1 (no ``schema_version`` key): the first wave's manifests; they also carry a redundant
+  ``input_size`` next to ``input.size``, which is read and dropped.
+- 2: ``schema_version`` recorded; ``input_size`` no longer written.
+
+Reading never rewrites a file, so versions published under schema 1 keep their bytes and
+checksums. Keys this code does not know are kept in ``extra`` (and written back by
+``to_dict``), so a newer writer's additions survive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from registry.errors import IntegrityError
+
+SCHEMA_VERSION = 2
+
+MANIFEST_FILE = "manifest.json"
+EXPORTS_FILE = "exports.json"
+WEIGHTS_FILE = "weights.safetensors"
+GOLDEN_FILE = "golden.safetensors"  # real test images + the eager outputs recorded at publish
+ATTENTION_REFERENCE_FILE = "attention_per_class.json"
+# Derived files (rebuilt from the weights, recorded in exports.json), by backend.
+EXPORT_FILES: dict[str, str] = {"torchscript": "model.ts", "onnx": "model.onnx"}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and sha256 of one file of a version."""
+
+    sha256: str
+    size: int
+
+    @classmethod
+    def from_dict(cls, data: object) -> FileEntry:
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("sha256"), str)
+            or not isinstance(data.get("size"), int)
+            or isinstance(data.get("size"), bool)
+        ):
+            raise ValueError(f"malformed checksum entry {data!r}")
+        return cls(sha256=data["sha256"], size=data["size"])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What network the weights belong to. ``config`` is the network's own config (JSON)."""
+
+    architecture: str
+    arch: str
+    config: dict
+    parameters: int | None = None
+    macs_per_image: int | None = None
+    blocks: int | None = None
+    branches_per_block: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: tuple[int, int] = (32, 32)
+    dtype: str = "uint8"
+    layout: str = "NCHW RGB"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std on the 0..1 scale (applied inside the exported graph)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Test-set figures of the trained model (fractions, not percentages)."""
+
+    test_accuracy: float | None = None
+    test_accuracy_flip_tta: float | None = None
+    test_loss: float | None = None
+    per_class_accuracy: dict[str, float] | None = None
+    test_images: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionSpec:
+    """What a publisher states about a version; the registry adds identity and checksums."""
+
+    model: ModelInfo
+    class_names: tuple[str, ...]
+    normalization: Normalization
+    input: InputSpec = field(default_factory=InputSpec)
+    metrics: Metrics = field(default_factory=Metrics)
+    recipe: dict = field(default_factory=dict)
+    dataset: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(VersionSpec):
+    """A published version's manifest.json."""
+
+    name: str
+    version: str
+    created: str
+    code_revision: str
+    parent: str | None
+    files: dict[str, FileEntry]
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    # ----- JSON ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"schema_version": self.schema_version}
+        for f in fields(self):
+            if f.name in ("schema_version", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if f.name == "files":
+                value = {k: asdict(v) for k, v in value.items()}
+            elif f.name == "class_names":
+                value = list(value)
+            elif hasattr(value, "__dataclass_fields__"):
+                value = _plain(asdict(value))
+            out[f.name] = value
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = MANIFEST_FILE) -> Manifest:
+        """Parse (schema 1 or 2); IntegrityError naming ``where`` when it is not a manifest."""
+        if not isinstance(data, dict):
+            raise IntegrityError(f"{where} is not a JSON object")
+        try:
+            return cls._parse(dict(data))
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            raise IntegrityError(f"{where} is not a valid manifest: {problem}") from e
+
+    @classmethod
+    def _parse(cls, d: dict) -> Manifest:
+        schema = d.pop("schema_version", 1)
+        if not isinstance(schema, int) or not 1 <= schema <= SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {schema!r} is not one this code reads (1..{SCHEMA_VERSION})"
+            )
+        legacy_size = d.pop("input_size", None)  # schema 1 stored the size twice
+        raw_input = d.pop("input", None) or {"size": legacy_size or (32, 32)}
+        raw_files = d.pop("files")
+        if not isinstance(raw_files, dict):
+            raise ValueError("files is not an object")
+        raw_norm = d.pop("normalization")
+        values: dict[str, Any] = {
+            "schema_version": schema,
+            "name": _str(d.pop("name"), "name"),
+            "version": _str(d.pop("version"), "version"),
+            "created": str(d.pop("created", "")),
+            "code_revision": str(d.pop("code_revision", "unknown")),
+            "parent": d.pop("parent", None),
+            "files": {str(k): FileEntry.from_dict(v) for k, v in raw_files.items()},
+            "model": ModelInfo(**d.pop("model")),
+            "class_names": tuple(_str(c, "class name") for c in d.pop("class_names")),
+            "normalization": Normalization(
+                mean=tuple(float(x) for x in raw_norm["mean"]),
+                std=tuple(float(x) for x in raw_norm["std"]),
+            ),
+            "input": InputSpec(
+                size=tuple(int(x) for x in raw_input["size"]),  # type: ignore[arg-type]
+                dtype=str(raw_input.get("dtype", "uint8")),
+                layout=str(raw_input.get("layout", "NCHW RGB")),
+            ),
+            "metrics": Metrics(**(d.pop("metrics", None) or {})),
+            "recipe": dict(d.pop("recipe", None) or {}),
+            "dataset": dict(d.pop("dataset", None) or {}),
+            "training": dict(d.pop("training", None) or {}),
+        }
+        if values["parent"] is not None and not isinstance(values["parent"], str):
+            raise ValueError("parent must be a string or null")
+        if not isinstance(values["model"].config, dict):
+            raise ValueError("model.config is not an object")
+        return cls(**values, extra=d)
+
+    @classmethod
+    def build(
+        cls,
+        spec: VersionSpec,
+        *,
+        name: str,
+        version: str,
+        created: str,
+        code_revision: str,
+        parent: str | None,
+        files: dict[str, FileEntry],
+    ) -> Manifest:
+        return cls(
+            **{f.name: getattr(spec, f.name) for f in fields(VersionSpec)},
+            name=name,
+            version=version,
+            created=created,
+            code_revision=code_revision,
+            parent=parent,
+            files=files,
+        )
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    # asdict keeps tuples; JSON wants lists (and a round trip must compare equal).
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,260 @@
+"""TorchScript and ONNX exports of the served graph, each proven before it is accepted.
+
+The exported graph is :class:`seednet.graph.InferenceModel`: input ``images`` uint8
+``[N, 3, 32, 32]`` (dynamic N, RGB), normalisation inside, outputs ``probabilities``
+``[N, 10]`` (softmax) and ``attention`` ``[N, 7, 2]`` (every block has 2 branches, so
+the attention of all blocks is one tensor, network order on axis 1).
+
+An export is accepted only if: ``onnx.checker`` passes; an ONNX Runtime CPU session
+runs it; TorchScript loads and runs in a fresh process; and the outputs of both match
+the eager model on real images at batch 1 and 64 within ``TOLERANCE`` (fp32). A failing
+check raises :class:`ExportError` with the figures, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from registry import ModelVersion, Registry
+from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
+from seednet.graph import InferenceModel, inference_model
+
+TOLERANCE = 1e-4
+OUTPUTS = ("probabilities", "attention")
+CHECK_BATCHES = (1, 64)
+# The ONNX exporter's libraries log every pass at INFO: hundreds of lines per export.
+_CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")
+
+
+class ExportError(RuntimeError):
+    """An export that failed one of its checks."""
+
+    code = "export_failed"
+
+
+@dataclass
+class Check:
+    artefact: str
+    batch: int
+    max_abs_diff: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(v <= TOLERANCE for v in self.max_abs_diff.values())
+
+
+@dataclass
+class ExportReport:
+    files: dict[str, Path]
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def table(self) -> str:
+        rows = [f"{'artefact':<14}{'batch':>6}{'probabilities':>16}{'attention':>14}  result"]
+        for c in self.checks:
+            rows.append(
+                f"{c.artefact:<14}{c.batch:>6}{c.max_abs_diff['probabilities']:>16.2e}"
+                f"{c.max_abs_diff['attention']:>14.2e}  {'ok' if c.passed else 'FAIL'}"
+            )
+        rows += [f"note: {n}" for n in self.notes]
+        rows += [f"wrote {p}" for p in self.files.values()]
+        return "\n".join(rows)
+
+    def to_info(self) -> dict:
+        """What the registry records about the derived files."""
+        return {
+            "graph": {
+                "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, 32, 32]},
+                "outputs": {"probabilities": ["N", 10], "attention": ["N", "blocks", "L"]},
+                "normalisation": "inside the graph",
+            },
+            "checks": [
+                {"artefact": c.artefact, "batch": c.batch, "max_abs_diff": c.max_abs_diff}
+                for c in self.checks
+            ],
+            "tolerance": TOLERANCE,
+            "torch": torch.__version__,
+            "onnx_opset": _onnx_opset(self.files.get("model.onnx")),
+        }
+
+
+def _onnx_opset(path: Path | None) -> int | None:
+    if path is None or not path.exists():
+        return None
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _eager(model: InferenceModel, images: torch.Tensor) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        probs, att = model(images)
+    return {"probabilities": probs.numpy(), "attention": att.numpy()}
+
+
+def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.abs(a[k] - b[k]).max()) for k in OUTPUTS}
+
+
+def save_torchscript(model: InferenceModel, path: Path) -> None:
+    # Scripting keeps the batch dimension dynamic; freezing folds the weights in.
+    scripted = torch.jit.freeze(torch.jit.script(model))
+    scripted.save(str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def save_onnx(model: InferenceModel, path: Path, example: torch.Tensor) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    # torch.onnx prints its progress on stdout: the start-up log stays one line per phase.
+    with _quiet_exporter(), contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={"images": {0: batch}},
+            dynamo=True,
+            external_data=False,  # one self-contained file
+            verbose=False,
+        )
+
+
+_FRESH_PROCESS_RUN = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+m = torch.jit.load(sys.argv[1], map_location="cpu")
+images = load_file(sys.argv[2])["images"]
+with torch.no_grad():
+    p, a = m(images)
+save_file({"probabilities": p.contiguous(), "attention": a.contiguous()}, sys.argv[3])
+"""
+
+
+def _torchscript_in_fresh_process(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Load and run the TorchScript file in a new interpreter (no training code imported)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
+        save_file({"images": images.contiguous()}, str(inp))
+        proc = subprocess.run(
+            [sys.executable, "-c", _FRESH_PROCESS_RUN, str(path), str(inp), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if proc.returncode != 0:
+            raise ExportError(f"TorchScript failed to load in a fresh process: {proc.stderr}")
+        got = load_file(str(out))
+    return {k: got[k].numpy() for k in OUTPUTS}
+
+
+def _onnx_run(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probs, att = session.run(list(OUTPUTS), {"images": images.numpy()})
+    return {"probabilities": probs, "attention": att}
+
+
+def export_and_check(model: InferenceModel, images: torch.Tensor, out_dir: Path) -> ExportReport:
+    """Write model.ts and model.onnx into ``out_dir`` and prove them on ``images``.
+
+    ``images`` needs at least ``max(CHECK_BATCHES)`` real uint8 images.
+    """
+    if images.shape[0] < max(CHECK_BATCHES) or images.dtype != torch.uint8:
+        raise ExportError(
+            f"need {max(CHECK_BATCHES)} uint8 check images, got "
+            f"{tuple(images.shape)} {images.dtype}"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ts_name, onnx_name = EXPORT_FILES["torchscript"], EXPORT_FILES["onnx"]
+    ts_path, onnx_path = out_dir / ts_name, out_dir / onnx_name
+    save_torchscript(model, ts_path)
+    save_onnx(model, onnx_path, images[:2])
+    report = ExportReport(files={ts_name: ts_path, onnx_name: onnx_path})
+    for batch in CHECK_BATCHES:
+        x = images[:batch]
+        reference = _eager(model, x)
+        report.checks.append(
+            Check("torchscript", batch, _diff(_torchscript_in_fresh_process(ts_path, x), reference))
+        )
+        report.checks.append(Check("onnx", batch, _diff(_onnx_run(onnx_path, x), reference)))
+    if not report.passed:
+        ts_path.unlink(missing_ok=True)
+        onnx_path.unlink(missing_ok=True)
+        raise ExportError(
+            f"export refused, outputs differ from eager beyond {TOLERANCE}:\n{report.table()}"
+        )
+    return report
+
+
+def golden_set(model: InferenceModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reference inputs and eager fp32 outputs, stored with a published version."""
+    with torch.no_grad():
+        probs, att = model(images)
+    return {
+        "images": images.contiguous(),
+        "probabilities": probs.contiguous(),
+        "attention": att.contiguous(),
+    }
+
+
+def served_graph(registry: Registry, mv: ModelVersion) -> InferenceModel:
+    """The eager served graph of a registry version, from its verified weights."""
+    m = mv.manifest
+    weights = registry.open_verified(mv, WEIGHTS_FILE)
+    return inference_model(m.model.config, weights, m.normalization.mean, m.normalization.std)
+
+
+def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
+    """Rebuild a registry version's exports from its verified weights and register them.
+
+    The version's golden set (real test images and the eager outputs recorded at
+    publication) proves first that the weights load to the same model, then the exports
+    are checked against eager on those images.
+    """
+    golden = load_file(str(registry.open_verified(mv, GOLDEN_FILE)))
+    model = served_graph(registry, mv)
+    drift = _diff(_eager(model, golden["images"]), {k: golden[k].numpy() for k in OUTPUTS})
+    if any(v > TOLERANCE for v in drift.values()):
+        raise ExportError(
+            f"{mv.ref}: the weights do not reproduce the recorded outputs (max abs diff {drift})"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        report = export_and_check(model, golden["images"], Path(tmp))
+        registry.add_derived(mv, report.files, report.to_info())
+        report.files = {name: mv.path / name for name in report.files}
+    report.notes.append(
+        f"{mv.ref}: weights reproduce the golden outputs (max abs diff {max(drift.values()):.1e})"
+    )
+    return report

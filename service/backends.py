@@ -1,0 +1,142 @@
+"""Model backends: TorchScript, ONNX Runtime and eager PyTorch, on CPU or CUDA.
+
+Every backend takes uint8 images ``[N, 3, 32, 32]`` and returns numpy
+``probabilities [N, classes]`` and ``attention [N, blocks, L]``; normalisation is
+inside the graph. Opening a backend touches the device, so the service only ever does
+it on the model thread (see ``service.batching``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from registry import ModelVersion
+
+log = logging.getLogger("seednet.backends")
+
+Outputs = tuple[np.ndarray, np.ndarray]
+BACKENDS = ("torchscript", "onnx", "eager")
+
+
+class ModelLoadError(RuntimeError):
+    """The requested model could not be loaded (unknown backend, no device, broken file)."""
+
+    code = "model_load_failed"
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+
+    def run(self, images: np.ndarray) -> Outputs: ...
+
+
+class _CudaGraphs:
+    """Replay captured CUDA graphs for small batches (padded up to a power of two).
+
+    Launch overhead dominates one small image on a GPU; a graph replays the whole
+    forward pass as one launch. Batches above ``max_batch`` run normally.
+    """
+
+    def __init__(
+        self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], max_batch: int = 32
+    ) -> None:
+        self.fn = fn
+        self.sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
+        self.graphs: dict[int, tuple] = {}
+
+    def capture(self) -> None:
+        for size in self.sizes:
+            static_in = torch.zeros((size, 3, 32, 32), dtype=torch.uint8, device="cuda")
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(3):
+                    self.fn(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.inference_mode():
+                static_out = self.fn(static_in)
+            self.graphs[size] = (graph, static_in, static_out)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        n = x.shape[0]
+        size = next((s for s in self.sizes if s >= n), None)
+        if size is None or size not in self.graphs:
+            return None
+        graph, static_in, (probs, att) = self.graphs[size]
+        static_in.zero_()
+        static_in[:n].copy_(x)
+        graph.replay()
+        return probs[:n].clone(), att[:n].clone()
+
+
+class TorchBackend:
+    """A TorchScript module (or an eager ``InferenceModel``) on CPU or CUDA."""
+
+    def __init__(
+        self, module: torch.nn.Module, name: str, device: str, cuda_graphs: bool = False
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.module = module.to(device).eval()
+        self.graphs: _CudaGraphs | None = None
+        if device == "cuda" and cuda_graphs:
+            try:
+                self.graphs = _CudaGraphs(self.module)
+                self.graphs.capture()
+            except Exception as exc:  # the plain path still works; say why graphs are off
+                log.warning("CUDA graphs disabled: %s", exc)
+                self.graphs = None
+
+    def run(self, images: np.ndarray) -> Outputs:
+        x = torch.from_numpy(images).to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            out = self.graphs(x) if self.graphs is not None else None
+            probs, att = out if out is not None else self.module(x)
+        return probs.float().cpu().numpy(), att.float().cpu().numpy()
+
+
+class OnnxBackend:
+    """ONNX Runtime: the CUDA execution provider on GPU, else the CPU one."""
+
+    name = "onnx"
+
+    def __init__(self, path: str, device: str) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" in available:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(path, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0].startswith("CUDA") else "cpu"
+
+    def run(self, images: np.ndarray) -> Outputs:
+        probs, att = self.session.run(["probabilities", "attention"], {"images": images})
+        return probs, att
+
+
+def open_backend(
+    kind: str, mv: ModelVersion, path: Path, device: str, cuda_graphs: bool = True
+) -> Backend:
+    """Open a verified artefact (``path``) of ``mv`` on ``device`` ("cpu" or "cuda")."""
+    if kind == "onnx":
+        return OnnxBackend(str(path), device)
+    if kind == "torchscript":
+        module = torch.jit.load(str(path), map_location=device)
+        return TorchBackend(module, "torchscript", device, cuda_graphs)
+    if kind == "eager":
+        from seednet.graph import inference_model
+
+        m = mv.manifest
+        model = inference_model(m.model.config, path, m.normalization.mean, m.normalization.std)
+        return TorchBackend(model, "eager", device, cuda_graphs)
+    raise ModelLoadError(f"unknown backend {kind!r}; expected one of {', '.join(BACKENDS)}")
