@@ -280,7 +280,11 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
-    return asyncio.run(main_async(args))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run.sh stops us on Ctrl-C
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def fmt(v, digits=1) -> str:
     return str(v)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], stacks: dict[str, str]) -> str:
     head = (
         "| stack | c | req/s | p50 ms | p95 ms | p99 ms | errors | rejections "
         "| peak RSS MB | peak PSS MB |"
@@ -72,6 +72,10 @@ def table(rows: list[dict]) -> str:
             f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {r['errors']} | {r['rejections']} | "
             f"{fmt(r['peak_rss_mb'], 0)} | {fmt(r.get('peak_pss_mb'), 0)} |"
         )
+    measured = {r["stack"] for r in rows}
+    for name in stacks:
+        if name not in measured:
+            lines.append(f"| {name} | - | no result (failed or not ready; see logs/) |||||||")
     return "\n".join(lines)
 
 
@@ -95,7 +99,7 @@ def main() -> int:
     )
     repo = Path(__file__).resolve().parent.parent.parent
 
-    tbl = table(rows) if rows else "(no results)"
+    tbl = table(rows, stacks) if rows or stacks else "(no results)"
     print(tbl)
 
     out = [f"# {a.title}", ""]

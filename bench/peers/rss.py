@@ -17,6 +17,7 @@ whenever a member disappears.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -85,8 +86,9 @@ def sample(root: int, interval: float) -> dict:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    parent = os.getppid()
     peak, peak_pss, peak_procs, n, members = 0, 0, 0, 0, []
-    while not stop:
+    while not stop and os.getppid() == parent:  # never outlive the load generator
         if n % 10 == 0 or not members:
             members = tree(root)
         values = [rss_bytes(p) for p in members]
@@ -118,9 +120,12 @@ def main() -> int:
     t.add_argument("pid", type=int)
     a = p.parse_args()
     if a.cmd == "tree":
-        print("\n".join(str(pid) for pid in tree(a.pid)))
+        for pid in tree(a.pid):
+            print(pid)
         return 0
-    print(json.dumps(sample(a.pid, a.interval)), flush=True)
+    result = json.dumps(sample(a.pid, a.interval))
+    with contextlib.suppress(BrokenPipeError):  # the load generator is gone: nobody to tell
+        print(result, flush=True)
     return 0
 
 

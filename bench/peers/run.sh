@@ -68,31 +68,63 @@ log() { echo "[peers] $*" >&2; }
 SERVER_PID=""
 MY_PGID=$(ps -o pgid= -p $$ | tr -d ' ')
 
-stop_server() {
-    local pid=$SERVER_PID
-    [ -n "$pid" ] || return 0
-    SERVER_PID=""
-    local members pgids
-    members=$("$PEERS_PY" "$HERE/rss.py" tree "$pid" 2>/dev/null | tr '\n' ' ' || true)
-    [ -n "$members" ] || members=$pid
-    # shellcheck disable=SC2086
-    pgids=$(ps -o pgid= -p "${members// /,}" 2>/dev/null | tr -d ' ' | sort -u || true)
-    log "stopping server tree $pid ($members)"
-    for g in $pgids; do [ "$g" != "$MY_PGID" ] && kill -TERM -- "-$g" 2>/dev/null || true; done
-    # shellcheck disable=SC2086
-    kill -TERM $members 2>/dev/null || true
-    for _ in $(seq 1 150); do  # up to 15 s for a clean exit
-        local left=0
-        for p in $members; do kill -0 "$p" 2>/dev/null && left=1; done
-        [ $left = 0 ] && break
+LOADGEN_PID=""
+
+# members_of PID: PID and its descendants, space-separated.
+members_of() {
+    local m
+    m=$("$PEERS_PY" "$HERE/rss.py" tree "$1" 2>/dev/null | xargs echo || true)
+    echo "${m:-$1}"
+}
+
+# wait_gone SECONDS PID...: true once none of the PIDs is alive.
+wait_gone() {
+    local ticks=$(($1 * 10)) p alive; shift
+    for _ in $(seq 1 "$ticks"); do
+        alive=0
+        for p in "$@"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ $alive = 0 ] && return 0
         sleep 0.1
     done
-    for g in $pgids; do [ "$g" != "$MY_PGID" ] && kill -KILL -- "-$g" 2>/dev/null || true; done
+    return 1
+}
+
+# Stop the server started last: SIGINT to its root (what Ctrl-C does), then SIGTERM to its
+# whole process tree and process group, then SIGKILL.
+stop_server() {
+    local pid=$SERVER_PID members pgids g
+    [ -n "$pid" ] || return 0
+    SERVER_PID=""
+    members=$(members_of "$pid")
+    pgids=$(ps -o pgid= -p "${members// /,}" 2>/dev/null | tr -d ' ' | sort -u || true)
+    log "stopping server tree $pid ($members)"
+    kill -INT "$pid" 2>/dev/null || true
     # shellcheck disable=SC2086
-    kill -KILL $members 2>/dev/null || true
+    if ! wait_gone 5 $members; then
+        members=$(echo "$members $(members_of "$pid")" | tr ' ' '\n' | sort -u | tr '\n' ' ')
+        for g in $pgids; do [ "$g" != "$MY_PGID" ] && kill -TERM -- "-$g" 2>/dev/null || true; done
+        # shellcheck disable=SC2086
+        kill -TERM $members 2>/dev/null || true
+        # shellcheck disable=SC2086
+        if ! wait_gone 10 $members; then
+            log "server tree still alive after SIGTERM; SIGKILL"
+            for g in $pgids; do [ "$g" != "$MY_PGID" ] && kill -KILL -- "-$g" 2>/dev/null || true; done
+            # shellcheck disable=SC2086
+            kill -KILL $members 2>/dev/null || true
+        fi
+    fi
     wait "$pid" 2>/dev/null || true
 }
-trap stop_server EXIT
+
+cleanup() {
+    if [ -n "$LOADGEN_PID" ]; then
+        kill -TERM "$LOADGEN_PID" 2>/dev/null || true
+        wait "$LOADGEN_PID" 2>/dev/null || true
+        LOADGEN_PID=""
+    fi
+    stop_server
+}
+trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM HUP
 
 free_port() {
@@ -267,12 +299,14 @@ for row in "${ROWS[@]}"; do
         "$fn" || { FAILED+=("$label (skipped)"); continue; }
     fi
     printf '%s\t%s\n' "$label" "$DESC" >>"$RUN_DIR/stacks.tsv"
-    if ! "${LOADGEN[@]}" --stack "$label" --url "$URL" --server-pid "$SERVER_PID" \
+    # In the background, so that a Ctrl-C or SIGTERM reaches the trap at once.
+    "${LOADGEN[@]}" --stack "$label" --url "$URL" --server-pid "$SERVER_PID" \
         --concurrency "$CONCURRENCY" --duration "$DURATION" --warmup "$WARMUP" \
         --count "$COUNT" --images "$IMAGES" --ready-timeout "$READY_TIMEOUT" \
-        --out "$RUN_DIR/results.jsonl"; then
-        FAILED+=("$label (see $LOGS)")
-    fi
+        --out "$RUN_DIR/results.jsonl" &
+    LOADGEN_PID=$!
+    wait "$LOADGEN_PID" || FAILED+=("$label (see $LOGS)")
+    LOADGEN_PID=""
     stop_server
 done
 
