@@ -14,7 +14,9 @@ waits longer than ``--timeout`` seconds, so every run ends by itself.
 
 Per level it records: req/s (2xx per second of window), p50/p95/p99 latency of 2xx answers
 in ms, ``errors`` (non-2xx other than 429/503, timeouts, connection errors), ``rejections``
-(429 and 503: the server shedding load), and the peak RSS of the server's process tree
+(429 and 503: the server shedding load; after a rejection or a connection error the worker
+waits 10 ms before its next request, so a shedding server is not hammered by a hot loop),
+and the peak RSS of the server's process tree
 (``rss.py`` samples /proc every 100 ms through warm-up and window; PSS, which splits shared
 pages between processes, every 500 ms).
 
@@ -167,8 +169,9 @@ async def run_level(args, bodies: list[bytes], c: int) -> dict:
             except (aiohttp.ClientError, OSError) as e:
                 kind = type(e).__name__
             done = time.perf_counter()
-            if kind is not None:
-                await asyncio.sleep(0.01)  # no hot loop against a dead port
+            if kind is not None or status in REJECT:
+                # no hot loop against a dead port or a server shedding load
+                await asyncio.sleep(0.01)
             if not (t0 <= done <= t1):
                 continue
             completed_in_window += 1

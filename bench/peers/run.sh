@@ -6,6 +6,7 @@
 #                      [--stacks torchserve,litserve,fastapi,seednet]
 #                      [--seednet-config NAME:KEY=VALUE[,KEY=VALUE...]]...   (extra rows of ours)
 #                      [--count 256] [--model seednet@1] [--ready-timeout 300]
+#                      [--ts-queue 1000]   (TorchServe job_queue_size; its default is 100)
 #
 # Example: bench/peers/run.sh --duration 3 --warmup 1 --concurrency 1,8 \
 #              --seednet-config onnx:SEEDNET_BACKEND=onnx
@@ -28,9 +29,10 @@ SEEDNET_CONFIGS=()
 COUNT=256
 MODEL=seednet@1
 READY_TIMEOUT=300
+TS_QUEUE=1000
 IMAGES=../shared/cifar10/test
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$HERE/run.sh"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --duration) DURATION=$2; shift 2 ;;
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
         --model) MODEL=$2; shift 2 ;;
         --ready-timeout) READY_TIMEOUT=$2; shift 2 ;;
         --images) IMAGES=$2; shift 2 ;;
+        --ts-queue) TS_QUEUE=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -214,6 +217,7 @@ enable_metrics_api=false
 disable_system_metrics=true
 install_py_dep_per_model=false
 async_logging=true
+job_queue_size=$TS_QUEUE
 EOF
     start_server "$LOGS/torchserve.out" \
         PATH="$PEERS_VENV/bin:$PATH" OMP_NUM_THREADS=1 \
@@ -223,7 +227,7 @@ EOF
         --ts-config "$dir/config.properties" --model-store "$dir/model-store" \
         --log-config "$HERE/stacks/ts_log4j2.xml"
     URL="http://127.0.0.1:$p1/predictions/seednet"
-    DESC="TorchServe $("$PEERS_PY" -c 'import ts.version as v; print(v.__version__)'), custom handler, batch 16 / 5 ms, 2 workers x 1 thread (OMP_NUM_THREADS=1), job queue 100 (default), token auth off"
+    DESC="TorchServe $("$PEERS_PY" -c 'import ts.version as v; print(v.__version__)'), custom handler, batch 16 / 5 ms, 2 workers x 1 thread (OMP_NUM_THREADS=1), job queue $TS_QUEUE, token auth off"
 }
 
 stack_litserve() {
