@@ -146,7 +146,13 @@ setup_peers_venv() {
     if [ -x "$PEERS_PY" ] && "$PEERS_PY" -c 'import torch, ts, litserve, aiohttp, fastapi' 2>/dev/null; then
         return 0
     fi
-    log "creating $PEERS_VENV (torch + TorchServe + LitServe: several GB, a few minutes)"
+    local free_gb
+    free_gb=$(df --output=avail -BG "$HERE" | tail -1 | tr -dc '0-9')
+    if [ "${free_gb:-0}" -lt 8 ]; then
+        log "only ${free_gb} GB free under $HERE; the peers venv needs about 6 GB"
+        exit 1
+    fi
+    log "creating $PEERS_VENV (torch + TorchServe + LitServe: about 6 GB, a few minutes)"
     local t0=$SECONDS
     python3 -m venv "$PEERS_VENV"
     "$PEERS_PY" -m pip install --quiet -r "$HERE/requirements.txt"
