@@ -12,7 +12,7 @@
 #              --seednet-config onnx:SEEDNET_BACKEND=onnx
 #
 # Environment: PROJECT_PY = the project's Python (default: REPO/.venv/bin/python, else
-# /work/main/.venv/bin/python, else python3); SEEDNET_* variables pass through to our rows.
+# python3); SEEDNET_* variables pass through to our rows.
 # Creates bench/peers/.venv on first use (requirements.txt). Results and logs go to
 # bench/peers/results/<UTC time>/. See README.md.
 set -euo pipefail
@@ -54,10 +54,8 @@ MODEL_VERSION=${MODEL#*@}
 MV="$REPO/models/$MODEL_NAME/$MODEL_VERSION"
 
 if [ -z "${PROJECT_PY:-}" ]; then
-    for candidate in "$REPO/.venv/bin/python" /work/main/.venv/bin/python; do
-        if [ -x "$candidate" ]; then PROJECT_PY=$candidate; break; fi
-    done
-    PROJECT_PY=${PROJECT_PY:-python3}
+    PROJECT_PY=python3
+    [ -x "$REPO/.venv/bin/python" ] && PROJECT_PY=$REPO/.venv/bin/python
 fi
 PEERS_VENV="$HERE/.venv"
 PEERS_PY="$PEERS_VENV/bin/python"
