@@ -1,8 +1,12 @@
-"""Shared fixtures: real data slices, a tiny really-trained model, a real registry and server.
+"""Shared fixtures: real data slices, tiny really-trained models, a real registry and server.
 
-Nothing here is mocked: the tiny model is trained for one epoch on 10 images per class,
+Nothing here is mocked: the tiny models are trained for one epoch on 10 images per class,
 published to a registry in a temporary folder (exports built and verified), and served
 by a real uvicorn on a loopback port.
+
+The data is found one way, as the CLI finds it: ``$SEEDNET_CIFAR10``, else
+``../shared/cifar10`` beside the checkout. Under CI (``CI=true``) a missing data folder
+or browser fails the run with the reason; locally those tests skip and say why.
 """
 
 from __future__ import annotations
@@ -14,13 +18,35 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import uvicorn
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR = Path(os.environ.get("SEEDNET_CIFAR10", REPO.parent / "shared" / "cifar10"))
 ADMIN_TOKEN = "test-admin-token"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Variables that steer the test run itself; every other SEEDNET_* of the caller's shell is
+# dropped, so a developer's exported settings cannot change what the tests serve.
+TEST_RUN_VARIABLES = {"SEEDNET_CIFAR10", "SEEDNET_SKIP_SLOW"}
+for _name in [n for n in os.environ if n.startswith("SEEDNET_")]:
+    if _name not in TEST_RUN_VARIABLES:
+        del os.environ[_name]
+
+
+def data_dir() -> Path:
+    from training.data import default_source
+
+    path = Path(default_source())
+    return path if path.is_absolute() else (REPO / path).resolve()
+
+
+CIFAR = data_dir()
+
+
+def missing(reason: str) -> None:
+    """Skip locally; fail under CI, where a missing prerequisite is a broken setup."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: a missing prerequisite fails the run)", pytrace=False)
+    pytest.skip(reason)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,47 +60,71 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
     if not (CIFAR / "test").is_dir():
-        pytest.skip(f"CIFAR-10 JPEG copy not found at {CIFAR}")
+        missing(f"CIFAR-10 JPEG copy not found at {CIFAR} (set SEEDNET_CIFAR10)")
     return CIFAR
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, cifar_dir) -> Path:
+def train_tiny(out: Path, data: Path, seed: int) -> Path:
     """seednet-small trained for one epoch on 10 images per class (CPU, ~10 s)."""
     from training.train import TrainSettings, train
 
-    out = tmp_path_factory.mktemp("tiny-run")
     train(
         TrainSettings(
             recipe="seed",
             arch="seednet-small",
-            data=str(cifar_dir),
+            data=str(data),
             out=str(out),
             epochs=1,
             batch_size=32,
             device="cpu",
             limit_per_class=10,
-            seed=1,
+            seed=seed,
         )
     )
     return out
 
 
 @pytest.fixture(scope="session")
-def served_registry(tmp_path_factory, tiny_run) -> Path:
-    """A registry with tiny@1 (production) and tiny@2, exports materialised."""
+def tiny_run(tmp_path_factory, cifar_dir) -> Path:
+    return train_tiny(tmp_path_factory.mktemp("tiny-run"), cifar_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_2(tmp_path_factory, cifar_dir) -> Path:
+    """A second tiny model (another seed): different weights, different outputs."""
+    return train_tiny(tmp_path_factory.mktemp("tiny-run-2"), cifar_dir, seed=2)
+
+
+@pytest.fixture(scope="session")
+def served_registry(tmp_path_factory, tiny_run, tiny_run_2) -> Path:
+    """A registry with tiny@1 (production) and tiny@2 (other weights), exports built."""
     from training.publish import publish_run
 
     root = tmp_path_factory.mktemp("registry")
     publish_run(tiny_run, "tiny", root, alias="production")
-    publish_run(tiny_run, "tiny", root)
+    publish_run(tiny_run_2, "tiny", root)
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bound_socket() -> socket.socket:
+    """A listening socket on a free loopback port, handed to uvicorn as it is: no race
+    between choosing a port and binding it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class LiveServer:
@@ -84,37 +134,37 @@ class LiveServer:
         from service.app import create_app
         from service.config import Settings
 
-        self.port = free_port()
+        self.sock = bound_socket()
+        self.port = self.sock.getsockname()[1]
         self.settings = Settings(host="127.0.0.1", port=self.port, **overrides)
         self.app = create_app(self.settings)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.time() + 300
-        while time.time() < deadline:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
             if not self.thread.is_alive():
                 raise RuntimeError("the server stopped during start-up")
-            try:
-                if httpx.get(self.url + "/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+            if self.server.started:
+                return self
+            time.sleep(0.02)
         raise RuntimeError("the server did not become ready in time")
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+        self.sock.close()
 
 
 @pytest.fixture(scope="session")
 def server(served_registry) -> Iterator[LiveServer]:
+    """The shared server: never reloaded or promoted by a test (those get their own)."""
     with LiveServer(
         registry_root=served_registry,
         model_name="tiny",
@@ -133,3 +183,14 @@ def server(served_registry) -> Iterator[LiveServer]:
 def live_server(server) -> str:
     """Base URL of the real service (used by the browser test)."""
     return server.url
+
+
+@pytest.fixture(scope="session")
+def golden_1(served_registry) -> dict:
+    """tiny@1's golden set: 64 real test images and the eager outputs recorded at publish."""
+    from safetensors.torch import load_file
+
+    return {
+        k: v.numpy()
+        for k, v in load_file(str(served_registry / "tiny/1/golden.safetensors")).items()
+    }

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from registry import RegistryError
 from seednet.model import ARCHITECTURES
+from training.data import default_source
 from training.recipes import RECIPES
 
 
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=sorted(ARCHITECTURES), default="seednet")
     t.add_argument(
         "--data",
-        default="../shared/cifar10",
-        help="JPEG folder, packed file, or torchvision:ROOT (downloads)",
+        default=default_source(),
+        help="JPEG folder, packed file, or torchvision:ROOT (downloads); "
+        "default: $SEEDNET_CIFAR10 or ../shared/cifar10",
     )
     t.add_argument("--epochs", type=_positive, help="default: the recipe's")
     t.add_argument("--batch-size", type=_positive, help="default: the recipe's")
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="print the accuracy table of a run or checkpoint")
     e.add_argument("source", help="run directory, registry version directory or checkpoint.pt")
-    e.add_argument("--data", default="../shared/cifar10")
+    e.add_argument("--data", default=default_source())
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--limit-per-class", type=_positive)
     e.add_argument("--batch-size", type=_positive, default=500)

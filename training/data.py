@@ -30,6 +30,8 @@ from torch import Tensor
 from seednet.constants import CIFAR10_CLASSES
 
 SPLITS = ("train", "test")
+DATA_ENV = "SEEDNET_CIFAR10"
+DEFAULT_DATA = "../shared/cifar10"  # the JPEG copy, beside the checkout
 PACK_MAGIC = b"SEEDNET-CIFAR-PACK\n"
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -54,6 +56,14 @@ class ImageSet:
         return ImageSet(
             self.images.to(device), self.labels.to(device), self.classes, self.description
         )
+
+
+def default_source() -> str:
+    """Where CIFAR-10 is unless told: ``$SEEDNET_CIFAR10``, else ``../shared/cifar10``.
+
+    The one rule for the CLI, the tests and the benchmarks.
+    """
+    return os.environ.get(DATA_ENV) or DEFAULT_DATA
 
 
 # ----------------------------------------------------------------- decoding

@@ -36,7 +36,7 @@ from seednet.constants import CIFAR10_MEAN, CIFAR10_STD, INPUT_SIZE
 from seednet.device import resolve_device
 from seednet.graph import Normalize, save_weights
 from seednet.model import ARCHITECTURES, SeedNet, build_model
-from training.data import Augmentation, ImageSet, batches, load_split
+from training.data import DEFAULT_DATA, Augmentation, ImageSet, batches, load_split
 from training.evaluation import Evaluation, evaluate, format_table
 from training.recipes import RECIPES, Recipe
 from training.reports import plot_confusion, plot_curves
@@ -49,7 +49,7 @@ class TrainSettings:
     """Everything a run depends on; written to config.json and checked on --resume."""
 
     recipe: str = "seed"
-    data: str = "../shared/cifar10"
+    data: str = DEFAULT_DATA
     out: str = "runs/latest"
     arch: str = "seednet"
     epochs: int | None = None  # None: the recipe's

@@ -26,6 +26,8 @@ def test_published_exports_passed_parity_checks(served_registry):
     assert checks == {("torchscript", 1), ("torchscript", 64), ("onnx", 1), ("onnx", 64)}
     for c in info["checks"]:
         assert max(c["max_abs_diff"].values()) <= 1e-4
+    for name in ("model.ts", "model.onnx"):
+        assert (mv.path / name).stat().st_size == info["files"][name]["size"] > 1000
     assert reg.verify(mv) == []
 
 
@@ -74,8 +76,16 @@ def test_served_graph_matches_eager_preprocessing_and_model_on_real_jpegs(
         assert np.abs(a - eager_a).max() <= 1e-4
 
 
-@pytest.mark.parametrize("filename", ["weights.safetensors", "model.onnx"])
-def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, filename):
+@pytest.mark.parametrize(
+    ("filename", "backend"),
+    [
+        ("weights.safetensors", "eager"),
+        ("weights.safetensors", "torchscript"),  # the export is derived from these weights
+        ("model.ts", "torchscript"),
+        ("model.onnx", "onnx"),
+    ],
+)
+def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, filename, backend):
     import shutil
 
     from service.serving import load_backend
@@ -90,7 +100,6 @@ def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, file
     path.write_bytes(bytes(data))
     problems = reg.verify(mv)
     assert problems and any(filename in p for p in problems)
-    backend = "onnx" if filename == "model.onnx" else "eager"
     with pytest.raises(IntegrityError, match=filename):
         load_backend(reg, mv, backend, "cpu")
     r = subprocess.run(
@@ -120,4 +129,5 @@ def test_materialize_rebuilds_missing_exports(served_registry, tmp_path):
     assert r.returncode == 0, r.stderr
     reg = Registry(root)
     assert reg.verify("tiny@2") == []
+    assert (root / "tiny/2/model.ts").is_file() and (root / "tiny/2/model.onnx").is_file()
     assert json.loads((root / "tiny" / "2" / "exports.json").read_text())["tolerance"] == 1e-4

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ from service.preprocessing import (
 from tests import image_factory as make
 
 LIMITS = ImageLimits()
-CIFAR_TEST = Path("/work/shared/cifar10/test")
 
 
 def channel_means(array: np.ndarray) -> tuple[float, float, float]:
@@ -125,12 +123,11 @@ def test_file_exactly_at_byte_limit_is_accepted() -> None:
     assert_model_input(preprocess(data, ImageLimits(max_bytes=len(data))))
 
 
-def test_png_bomb_header_is_refused_fast_without_decoding(no_decoding: None) -> None:
+def test_png_bomb_header_is_refused_without_decoding(no_decoding: None) -> None:
+    # no_decoding makes any decode fail the test: the refusal comes from the header alone
     data = make.png_bomb_header(100_000, 100_000)
     assert len(data) < 200
-    start = time.perf_counter()
     err = expect_error(data, TooManyPixelsError)
-    assert time.perf_counter() - start < 0.5
     assert http_status(err) == 413
 
 
@@ -335,10 +332,8 @@ def test_module_does_not_change_pillow_globals_on_import() -> None:
 
 
 @pytest.mark.parametrize("label", ["airplane", "cat", "ship", "truck"])
-def test_cifar_jpegs_pass_through_unchanged(label: str) -> None:
-    path = CIFAR_TEST / label / "0000.jpg"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+def test_cifar_jpegs_pass_through_unchanged(label: str, cifar_dir: Path) -> None:
+    path = cifar_dir / "test" / label / "0000.jpg"
     expected = np.asarray(Image.open(path).convert("RGB")).transpose(2, 0, 1)
     prepared = preprocess(path.read_bytes(), LIMITS)
     assert prepared.original_size == (32, 32)

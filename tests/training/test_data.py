@@ -11,9 +11,11 @@ from training.data import (
     DataError,
     ImageSet,
     batches,
+    cutout,
     load_split,
     pack_folder,
     random_crop,
+    random_flip,
 )
 
 
@@ -78,18 +80,47 @@ def test_augmentation_keeps_shape_dtype_and_labels(cifar_dir):
 
 
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
-    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).view(2, 3, 32, 32).to(torch.uint8)
+    # distinct values per pixel (mod 251, no zeros), so each window is identified uniquely
+    x = (torch.arange(16 * 3 * 32 * 32, dtype=torch.int64) % 251 + 1).view(16, 3, 32, 32)
+    x = x.to(torch.uint8)
     gen = torch.Generator().manual_seed(3)
     out = random_crop(x, 4, gen)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    for i in range(2):
+    offsets = []
+    for i in range(16):
         matches = [
             (dy, dx)
             for dy in range(9)
             for dx in range(9)
             if torch.equal(padded[i, :, dy : dy + 32, dx : dx + 32], out[i])
         ]
-        assert matches
+        assert len(matches) == 1
+        offsets.append(matches[0])
+    # a crop that returns its input would give (4, 4) everywhere; offsets vary per image
+    assert len(set(offsets)) > 4 and any(o != (4, 4) for o in offsets)
+
+
+def test_random_flip_mirrors_some_images_and_keeps_the_others():
+    x = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.uint8)
+    out = random_flip(x, torch.Generator().manual_seed(5))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 16 < sum(flipped) < 48  # about half, and never all or none
+
+
+def test_cutout_zeroes_one_square_per_image_and_nothing_else():
+    x = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    out = cutout(x, 8, torch.Generator().manual_seed(1))
+    for i in range(8):
+        zero = (out[i] == 0).all(0)  # all three channels zeroed together
+        assert ((out[i] == 0) == zero).all() and (out[i][:, ~zero] == 200).all()
+        ys, xs = zero.nonzero(as_tuple=True)
+        assert 0 < len(ys) <= 64
+        # a square (clipped by the border): its bounding box is fully zero
+        assert zero[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
+        assert ys.max() - ys.min() < 8 and xs.max() - xs.min() < 8
 
 
 def test_shuffling_is_deterministic_given_the_seed(cifar_dir):

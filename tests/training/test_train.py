@@ -70,9 +70,18 @@ def test_two_epochs_lower_the_loss_and_write_every_artefact(cifar_dir, tmp_path)
     for key in ("train_accuracy", "test_loss", "test_accuracy", "lr", "seconds"):
         assert key in history[0]
     summary = json.loads((out / "summary.json").read_text())
-    assert 0 <= summary["test_accuracy"] <= 1 and len(summary["per_class_accuracy"]) == 10
-    confusion = json.loads((out / "confusion_matrix.json").read_text())["matrix"]
+    confusion_file = json.loads((out / "confusion_matrix.json").read_text())
+    confusion, classes = confusion_file["matrix"], confusion_file["classes"]
     assert sum(map(sum, confusion)) == 100
+    # the reported accuracy is the one of the predictions the run wrote, and the confusion's
+    preds = json.loads((out / "test_predictions.json").read_text())
+    hits = sum(p == y for p, y in zip(preds["predictions"], preds["labels"], strict=True))
+    assert summary["test_accuracy"] == pytest.approx(hits / 100)
+    assert sum(confusion[i][i] for i in range(10)) == hits
+    per_class = summary["per_class_accuracy"]
+    assert [per_class[c] for c in classes] == [
+        pytest.approx(confusion[i][i] / sum(confusion[i])) for i in range(10)
+    ]
     att = json.loads((out / "attention_per_class.json").read_text())
     assert att["blocks"] == 7
     for rows in att["by_true_class"].values():
@@ -97,30 +106,35 @@ def test_resume_continues_at_the_right_epoch_with_the_same_result(cifar_dir, tmp
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
 
 
-def test_fast_recipe_runs_with_ema(cifar_dir, tmp_path):
-    out = tmp_path / "fast"
-    r = run_cli(
-        "train",
-        "--recipe",
-        "fast",
-        "--arch",
-        "seednet-small",
-        "--data",
-        str(cifar_dir),
-        "--limit-per-class",
-        "5",
-        "--batch-size",
-        "25",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    )
+def fast_args(data, out, *extra: str) -> list[str]:
+    args = train_args(data, out, "--batch-size", "25", *extra)
+    args[args.index("--recipe") + 1] = "fast"
+    args[args.index("--limit-per-class") + 1] = "5"
+    return args
+
+
+def test_fast_recipe_resumes_exactly_with_its_ema_and_schedule(cifar_dir, tmp_path):
+    """The shipped models use `fast` (one-cycle lr, EMA of the weights, label smoothing).
+
+    Catches a resume that drops the EMA state, the schedule's position or an RNG: the
+    final weights (the EMA's) of 1 + 1 epochs must equal those of 2 epochs bit for bit.
+    """
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    r = run_cli(*fast_args(cifar_dir, whole, "--epochs", "2"))
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "summary.json").read_text())["weights"] == "ema"
-    assert "ema_test_accuracy" in (out / "metrics.jsonl").read_text()
+    assert json.loads((whole / "summary.json").read_text())["weights"] == "ema"
+    history = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["ema_test_accuracy"] is not None for h in history)
+    assert history[0]["lr"] != history[1]["lr"]  # the one-cycle schedule moves
+    first = run_cli(*fast_args(cifar_dir, split, "--epochs", "2", "--stop-after", "1"))
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*fast_args(cifar_dir, split, "--epochs", "2", "--resume"))
+    assert second.returncode == 0, second.stderr
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert [k for k in a if not (a[k] == b[k]).all()] == []
+    resumed = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
 
 @pytest.mark.slow
