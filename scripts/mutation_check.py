@@ -1,0 +1,197 @@
+"""Plant named bugs in a copy of the tree and report which the test suite catches.
+
+Each mutant replaces one exact snippet in one file (the script refuses to run if the
+snippet is no longer there, so a refactoring cannot silently retire a mutant), then runs
+the tests that should catch it. A mutant is caught when those tests fail. The table goes
+to stdout; the exit status is 1 when any mutant survives.
+
+    scripts/mutation-check.sh [NAME ...]     # all mutants, or the named ones
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+PREPARED = "    return Prepared(mv, backend, registry.open_verified(mv, filename), device)"
+MUTANTS = [
+    Mutant(
+        "checksum-skipped-torchscript",
+        "model.ts is opened without its sha256 check",
+        "service/serving.py",
+        PREPARED,
+        "    path = mv.path / filename if backend == 'torchscript' else "
+        "registry.open_verified(mv, filename)\n    return Prepared(mv, backend, path, device)",
+        (
+            "tests/seednet/test_export.py::test_a_flipped_byte_fails_verify_and_loading",
+            "tests/service/test_service.py::test_a_corrupted_version_is_never_promoted_over_http",
+        ),
+    ),
+    Mutant(
+        "checksum-skipped-onnx",
+        "model.onnx is opened without its sha256 check",
+        "service/serving.py",
+        PREPARED,
+        "    path = mv.path / filename if backend == 'onnx' else "
+        "registry.open_verified(mv, filename)\n    return Prepared(mv, backend, path, device)",
+        ("tests/seednet/test_export.py::test_a_flipped_byte_fails_verify_and_loading",),
+    ),
+    Mutant(
+        "checksum-skipped-weights",
+        "the weights (eager's file, the exports' source) are not checked",
+        "service/serving.py",
+        "    weights = registry.open_verified(mv, WEIGHTS_FILE)",
+        "    weights = mv.path / WEIGHTS_FILE",
+        ("tests/seednet/test_export.py::test_a_flipped_byte_fails_verify_and_loading",),
+    ),
+    Mutant(
+        "ema-not-restored",
+        "--resume starts a fresh EMA instead of the checkpoint's",
+        "training/train.py",
+        '        run.ema.load_state_dict(ckpt["ema"])',
+        "        pass",
+        (
+            "tests/training/test_train.py::test_fast_recipe_resumes_exactly_with_its_ema_and_schedule",
+        ),
+    ),
+    Mutant(
+        "rows-rotated-in-a-batch",
+        "requests merged into one batch get each other's rows",
+        "service/batching.py",
+        "        self.stats.on_batch(len(images), time.perf_counter() - t0)",
+        "        self.stats.on_batch(len(images), time.perf_counter() - t0)\n"
+        "        if len(batch) > 1:\n"
+        "            probs, att = np.roll(probs, 1, axis=0), np.roll(att, 1, axis=0)",
+        (
+            "tests/service/test_service.py::"
+            "test_64_concurrent_requests_are_batched_and_each_gets_its_own_answer",
+        ),
+    ),
+    Mutant(
+        "lock-removed",
+        "the registry's file lock is never taken",
+        "registry/store.py",
+        "            lock.acquire()",
+        "            pass",
+        ("tests/registry/test_registry.py",),
+    ),
+    Mutant(
+        "class-names-shifted",
+        "labels are read one position off the manifest's class order",
+        "service/serving.py",
+        "        classes = list(mv.manifest.class_names)",
+        "        classes = list(mv.manifest.class_names[1:] + mv.manifest.class_names[:1])",
+        ("tests/service/test_service.py::test_predict_matches_the_registry_golden_outputs",),
+    ),
+    Mutant(
+        "pixel-limit-off-by-one",
+        "an image of exactly max_pixels is refused",
+        "service/preprocessing.py",
+        "    if width * height > limits.max_pixels:",
+        "    if width * height >= limits.max_pixels:",
+        ("tests/service/test_preprocessing.py",),
+    ),
+    Mutant(
+        "byte-limit-off-by-one",
+        "a file one byte over max_upload_bytes is accepted",
+        "service/uploads.py",
+        "    data = await upload.read(limit + 1)\n    if len(data) > limit:",
+        "    data = await upload.read(limit + 2)\n    if len(data) > limit + 1:",
+        ("tests/service/test_service.py::test_the_per_file_byte_limit_is_exact_over_http",),
+    ),
+    Mutant(
+        "crop-returns-input",
+        "random_crop hands back the image unshifted",
+        "training/data.py",
+        '    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""',
+        '    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""'
+        "\n    return x",
+        ("tests/training/test_data.py",),
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in files:
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run(mutant: Mutant, data: str) -> tuple[str, float]:
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        target = tree / mutant.path
+        text = target.read_text()
+        if text.count(mutant.old) != 1:
+            return "STALE (snippet not found once: update the mutant)", 0.0
+        target.write_text(text.replace(mutant.old, mutant.new))
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests],
+            cwd=tree,
+            env={**os.environ, "SEEDNET_CIFAR10": data},
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.monotonic() - t0
+    verdict = {0: "MISSED", 1: "caught"}.get(
+        proc.returncode, f"error (pytest exit {proc.returncode})"
+    )
+    if proc.returncode not in (0, 1):
+        print(proc.stdout[-2000:], proc.stderr[-2000:], file=sys.stderr)
+    return verdict, seconds
+
+
+def main(names: list[str]) -> int:
+    sys.path.insert(0, str(REPO))
+    from training.data import default_source
+
+    data = str((REPO / default_source()).resolve())
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    unknown = set(names) - {m.name for m in MUTANTS}
+    if unknown:
+        print(f"unknown mutants: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    rows = []
+    for m in chosen:
+        verdict, seconds = run(m, data)
+        rows.append((m.name, m.what, verdict, seconds))
+        print(f"{m.name}: {verdict} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+    print("| mutant | planted bug | result | test time |")
+    print("| --- | --- | --- | --- |")
+    for name, what, verdict, seconds in rows:
+        print(f"| `{name}` | {what} | {verdict} | {seconds:.0f} s |")
+    return 0 if all(r[2] == "caught" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
