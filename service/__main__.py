@@ -1,35 +1,45 @@
-"""`python -m service`: serve the configured registry version with uvicorn."""
+"""`python -m service`: serve the configured registry version with uvicorn.
+
+``SEEDNET_WORKERS`` > 1 starts that many worker processes (uvicorn's supervisor), each
+loading the model with ``cores // workers`` threads, and points Prometheus' multiprocess
+mode at a fresh folder so ``/metrics`` sums every worker.
+"""
 
 from __future__ import annotations
 
-import logging
-import warnings
+import os
+import shutil
+import tempfile
 
 import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-
-
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # (the ONNX exporter's INFO chatter is silenced where it runs: seednet.export)
-    # TorchScript is an export format chosen on purpose; torch marks all of it deprecated.
-    warnings.filterwarnings("ignore", r"`torch\.jit\..*` is deprecated", FutureWarning)
+from service.logging_setup import configure_logging
+from service.metrics import MULTIPROC_ENV
 
 
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-    )
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    metrics_dir = tempfile.mkdtemp(prefix="seednet-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers, read at import
+    try:
+        uvicorn.run(
+            "service.app:app_from_environment", factory=True, workers=settings.workers, **common
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

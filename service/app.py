@@ -8,9 +8,12 @@ that is done, so /health/ready answers 200 from the first request on.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -48,12 +51,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_batch_size=settings.max_batch_size if settings.batching else 10**9,
             max_wait=settings.max_batch_wait_ms / 1000,
             enabled=settings.batching,
-            stats=BatchStats(on_batch=metrics.on_batch, on_wait=metrics.on_wait),
+            stats=BatchStats(
+                on_batch=metrics.on_batch,
+                on_wait=metrics.on_wait,
+                on_queue=metrics.on_queue,
+                on_reject=metrics.on_reject,
+            ),
+            max_queue_images=settings.max_queue_images,
+            queue_timeout=settings.queue_timeout_ms / 1000 or None,
         )
+        # torch's own pool, per worker: workers x threads never exceeds the cores
+        torch.set_num_threads(settings.compute_threads)
         state.batcher.start()
         await state.load(settings.model_ref)  # a failure here stops start-up, loudly
+        watcher = None
+        if settings.alias_poll_seconds:
+            watcher = asyncio.create_task(state.follow_alias(settings.alias_poll_seconds))
         yield
+        if watcher is not None:
+            watcher.cancel()
         await state.batcher.stop()
+        metrics.worker_exited(os.getpid())
 
     app = FastAPI(
         title="SeedNet inference service",
@@ -74,3 +92,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=str(PACKAGE_DIR / "static")), name="static")
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """What each worker process runs (``uvicorn --factory``): settings from SEEDNET_*."""
+    from service.logging_setup import configure_logging
+
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(settings)

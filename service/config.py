@@ -6,6 +6,7 @@ Every field is documented in README.md ("Configuration"). ``create_app`` takes a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -35,9 +36,37 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, gt=0, description="images per forward pass")
     max_batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     cuda_graphs: bool = Field(True, description="replay CUDA graphs for small batches on GPU")
+    max_queue_images: int = Field(
+        512, gt=0, description="images that may wait for a batch; more are refused with 429"
+    )
+    queue_timeout_ms: float = Field(
+        0, ge=0, description="answer 503 to a request still waiting after this (0 = no limit)"
+    )
+
+    workers: int = Field(1, ge=1, le=64, description="worker processes (each loads the model)")
+    threads: int = Field(
+        0, ge=0, description="compute threads per worker; 0 = available cores / workers"
+    )
+    alias_poll_s: float = Field(
+        0,
+        ge=0,
+        description="re-resolve SEEDNET_MODEL_REF this often and swap when it moved (0 = "
+        "off, or 5 s when workers > 1: a promote through one worker reaches all of them)",
+    )
 
     admin_token: str | None = Field(None, description="bearer token for /models admin routes")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
     access_log: bool = Field(True, description="one log line per request (uvicorn's access log)")
+
+    @property
+    def compute_threads(self) -> int:
+        """Threads per worker: never more than the cores this process may use, in all."""
+        if self.threads:
+            return self.threads
+        return max(1, len(os.sched_getaffinity(0)) // self.workers)
+
+    @property
+    def alias_poll_seconds(self) -> float:
+        return self.alias_poll_s or (5.0 if self.workers > 1 else 0.0)

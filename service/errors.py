@@ -23,6 +23,7 @@ from registry.errors import (
 )
 from seednet.export import ExportError
 from service.backends import ModelLoadError
+from service.batching import DeadlineExceeded, Overloaded
 from service.preprocessing import (
     CorruptImageError,
     EmptyFileError,
@@ -52,6 +53,8 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (RegistryError, 409),
     (ModelLoadError, 409),  # the version exists but cannot be served here
     (ExportError, 409),
+    (DeadlineExceeded, 503),  # waited past SEEDNET_QUEUE_TIMEOUT_MS, never computed
+    (Overloaded, 429),  # the queue is full: refused before waiting
     (EmptyFileError, 422),
     (CorruptImageError, 422),
     (FileTooLargeError, 413),
@@ -97,7 +100,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _domain(_: Request, exc: Exception):
         code = getattr(exc, "code", None) or "error"
-        return error_response(http_status(exc), code, " ".join(str(exc).split()))
+        retry = getattr(exc, "retry_after", None)  # admission control says when to retry
+        headers = {"Retry-After": str(retry)} if retry is not None else None
+        return error_response(http_status(exc), code, " ".join(str(exc).split()), headers)
 
     for cls in _DOMAIN_ERRORS:
         app.add_exception_handler(cls, _domain)

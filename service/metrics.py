@@ -1,11 +1,34 @@
-"""Prometheus metrics, in a registry of the app's own (several apps can share a process)."""
+"""Prometheus metrics, in a registry of the app's own (several apps can share a process).
+
+With several worker processes (``SEEDNET_WORKERS``), ``python -m service`` points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before the workers start: every worker
+then writes its values there and any worker's ``/metrics`` renders the sum of all of
+them (prometheus_client's multiprocess mode); gauges keep one series per live worker.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Where a request's time goes, in order: what limits a deployment shows here.
+STAGES = ("read_body", "decode", "queue_wait", "model", "serialise")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
 
 
 class Metrics:
@@ -47,21 +70,52 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("seednet_images_processed", "images classified", registry=r)
-        self.model_info = Gauge(
-            "seednet_model_info",
-            "the serving model (value 1)",
-            ["name", "version", "backend", "device"],
+        self.stage = Histogram(
+            "seednet_stage_seconds",
+            "time per request stage (" + ", ".join(STAGES) + ")",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.model_info = Gauge(
+            "seednet_model_info",
+            "the serving model (value 1; one series per worker process)",
+            ["name", "version", "backend", "device"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.model_swaps = Counter("seednet_model_swaps", "serving model replaced", registry=r)
+        self.queue_images = Gauge(
+            "seednet_queue_images",
+            "images waiting for a batch (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.rejections = Counter(
+            "seednet_rejections",
+            "requests refused by admission control (queue_full: 429, deadline: 503)",
+            ["reason"],
+            registry=r,
+        )
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
+        self.stage.labels("model").observe(seconds)
         self.images.inc(size)
 
     def on_wait(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
+        self.stage.labels("queue_wait").observe(seconds)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(stage).observe(seconds)
+
+    def on_queue(self, images: int) -> None:
+        self.queue_images.set(images)
+
+    def on_reject(self, reason: str) -> None:
+        self.rejections.labels(reason).inc()
 
     def set_model(self, info: dict) -> None:
         self.model_info.clear()
@@ -70,4 +124,15 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()  # every worker's files, summed
+        multiprocess.MultiProcessCollector(merged, path=path)
+        return generate_latest(merged)
+
+    @staticmethod
+    def worker_exited(pid: int) -> None:
+        """Drop a finished worker's live gauges (multiprocess mode only)."""
+        if multiprocess_dir() is not None:
+            multiprocess.mark_process_dead(pid)

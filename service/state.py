@@ -60,3 +60,19 @@ class ServiceState:
                 self.metrics.model_swaps.inc()
             log.info("serving %s on %s/%s", mv.ref, model.info["backend"], model.info["device"])
             return model
+
+    async def follow_alias(self, every: float) -> None:
+        """Swap to whatever SEEDNET_MODEL_REF resolves to now, checked every ``every`` s.
+
+        With several worker processes, a promote or reload reaches one of them; the others
+        see the alias move here. A version that fails to load is logged and retried.
+        """
+        s = self.settings
+        while True:
+            await asyncio.sleep(every)
+            try:
+                target = self.registry.resolve(s.model_name, s.model_ref).version
+                if self.model is not None and target != self.model.version.version:
+                    await self.load(s.model_ref)
+            except Exception as exc:  # keep serving the loaded model; say why once a cycle
+                log.warning("following %s@%s: %s", s.model_name, s.model_ref, exc)

@@ -106,3 +106,60 @@ def test_a_bad_setting_stops_the_start_with_the_reason(served_registry, variable
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert message in out
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_metrics_view_and_follow_a_promote(served_registry, tmp_path):
+    """SEEDNET_WORKERS=2: any worker's /metrics sums both (multiprocess mode), and a
+    promote answered by one worker reaches the other through the alias poll."""
+    from tests.service.test_service import metric_value
+
+    root = tmp_path / "registry"
+    shutil.copytree(served_registry, root)
+    proc, url = start(
+        {
+            "SEEDNET_REGISTRY_ROOT": str(root),
+            "SEEDNET_MODEL_NAME": "tiny",
+            "SEEDNET_DEVICE": "cpu",
+            "SEEDNET_WORKERS": "2",
+            "SEEDNET_ALIAS_POLL_S": "0.5",
+            "SEEDNET_ADMIN_TOKEN": "t",
+            "SEEDNET_ACCESS_LOG": "false",
+        }
+    )
+    try:
+        wait_until(lambda: ready(proc, url), 300, 0.1, "the service to be ready")
+        # both workers up: each reports its own model_info series
+        wait_until(
+            lambda: httpx.get(f"{url}/metrics").text.count("seednet_model_info{") == 2,
+            120,
+            0.2,
+            "two workers",
+        )
+        with httpx.Client(timeout=60) as client:  # new connections spread over workers
+            for _ in range(12):
+                r = httpx.post(f"{url}/predict", files={"file": ("a.jpg", make.jpeg())})
+                assert r.status_code == 200
+            metrics = httpx.get(f"{url}/metrics").text
+            promoted = client.post(
+                f"{url}/models/tiny/promote",
+                json={"version": "2"},
+                headers={"authorization": "Bearer t"},
+            )
+
+            def everyone_serves_2() -> bool:
+                answers = [
+                    httpx.post(f"{url}/predict", files={"file": ("a.jpg", make.jpeg())})
+                    for _ in range(6)
+                ]
+                return all(a.json()["model"]["version"] == "2" for a in answers)
+
+            wait_until(everyone_serves_2, 60, 0.5, "both workers to serve tiny@2")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert promoted.status_code == 200, promoted.text
+    assert metric_value(metrics, "seednet_images_processed_total") == 12
+    ok = 'seednet_requests_total{method="POST",route="/predict",status="200"}'
+    assert metric_value(metrics, ok) == 12
+    assert out.count("serving tiny@1 on torchscript/cpu") == 2  # one per worker
