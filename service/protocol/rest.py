@@ -105,7 +105,7 @@ def parse_rest_request(
         head, tail = body, memoryview(b"")
     try:
         doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"the request is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("the request must be a JSON object")

@@ -116,6 +116,8 @@ def deserialize_bytes(buf: bytes | memoryview, count: int, where: str) -> list[b
     out: list[bytes] = []
     pos = 0
     while pos < len(view):
+        if len(out) == count:  # stop early: a buffer of empty elements could be huge
+            raise ProtocolError(f"{where}: BYTES data holds more than the {count} elements")
         if pos + 4 > len(view):
             raise ProtocolError(f"{where}: BYTES data ends inside a 4-byte length prefix")
         (n,) = _LENGTH.unpack_from(view, pos)

@@ -392,6 +392,7 @@ def test_shared_memory_is_refused(rng):
         (b"{not json", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
         (b"[]", "must be a JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
         (b'{"inputs": {}}', "inputs must be a list"),
         (_json_body([_img_json()], id=7), "id must be a string"),
         (_json_body([_img_json()], parameters=[]), "parameters must be a JSON object"),

@@ -63,7 +63,8 @@ def test_bytes_framing_matches_tritonclient():
         (b"\x05\x00\x00", 1, "inside a 4-byte length prefix"),
         (b"\x05\x00\x00\x00abc", 1, "declares 5 bytes but only 3 remain"),
         (serialize_bytes([b"a", b"b"]), 3, "holds 2 elements; the shape needs 3"),
-        (serialize_bytes([b"a", b"b"]) + b"\x00", 2, "inside a 4-byte length prefix"),
+        (serialize_bytes([b"a", b"b"]) + b"\x00", 2, "more than the 2 elements"),
+        (serialize_bytes([b""] * 1000), 2, "more than the 2 elements"),
     ],
 )
 def test_bad_bytes_framing(buf, count, message):
