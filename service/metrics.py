@@ -1,4 +1,10 @@
-"""Prometheus metrics, in a registry of the app's own (several apps can share a process)."""
+"""Prometheus metrics, in a registry of the app's own (several apps can share a process).
+
+Requests are counted per ``protocol``: ``rest`` (the JSON API: /predict, /models...),
+``rest_v2`` (the inference protocol over HTTP, /v2/...) and ``grpc`` (the same protocol
+over gRPC; ``route`` is the RPC, ``method`` is ``RPC`` and ``status`` the gRPC code
+name). Every protocol feeds the same batcher, so the batch metrics cover them all.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +20,20 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "seednet_requests",
-            "HTTP requests by route, method and status",
-            ["route", "method", "status"],
+            "requests by protocol, route, method and status",
+            ["protocol", "route", "method", "status"],
             registry=r,
         )
         self.errors = Counter(
             "seednet_request_errors",
-            "HTTP responses with status >= 400",
-            ["route", "status"],
+            "failed requests (HTTP status >= 400, gRPC status other than OK)",
+            ["protocol", "route", "status"],
             registry=r,
         )
         self.latency = Histogram(
             "seednet_request_duration_seconds",
-            "HTTP request latency",
-            ["route"],
+            "request latency",
+            ["protocol", "route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -54,6 +60,15 @@ class Metrics:
             registry=r,
         )
         self.model_swaps = Counter("seednet_model_swaps", "serving model replaced", registry=r)
+
+    def on_request(
+        self, protocol: str, route: str, method: str, status: str, failed: bool, seconds: float
+    ) -> None:
+        """One finished request of any protocol (``route`` is a template, never a raw path)."""
+        self.requests.labels(protocol, route, method, status).inc()
+        self.latency.labels(protocol, route).observe(seconds)
+        if failed:
+            self.errors.labels(protocol, route, status).inc()
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

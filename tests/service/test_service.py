@@ -281,7 +281,8 @@ def test_64_concurrent_requests_are_batched_and_each_gets_its_own_answer(server,
     assert batches < 64, "no batch held more than one image"
     # the Prometheus histogram bucket "le=1" counts single-image batches
     assert re.search(
-        r'seednet_requests_total\{method="POST",route="/predict",status="200"\}', after
+        r'seednet_requests_total\{method="POST",protocol="rest",route="/predict",status="200"\}',
+        after,
     )
 
 
