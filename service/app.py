@@ -26,6 +26,7 @@ from service.grpc_server import start_grpc_server, stop_grpc_server
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.routes import attention, health, models, predict, v2
+from service.routes.docs import install_docs
 from service.routes.observability import install_request_metrics
 from service.state import ServiceState
 
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "Inference Protocol v2 (KServe / Triton clients) under `/v2` and over gRPC."
         ),
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
     app.state.service = state
     app.state.templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
@@ -83,5 +86,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_request_metrics(app, metrics)
     for module in (predict, attention, models, health, v2):
         app.include_router(module.router)
+    install_docs(app)
     app.mount("/static", StaticFiles(directory=str(PACKAGE_DIR / "static")), name="static")
     return app
