@@ -1,5 +1,8 @@
 """KServe's ``inference.GRPCInferenceService`` on ``grpc.aio``, inside the app's event loop.
 
+The six KServe rpcs plus Triton's ``ModelConfig`` (which perf_analyzer needs for
+``-i grpc``).
+
 The lifespan starts it (when ``SEEDNET_GRPC_PORT`` is set) after the model is loaded
 and stops it before the batcher stops. It runs in the same event loop as uvicorn and
 shares everything with the REST front ends: the serving model, the batcher (gRPC and
@@ -26,6 +29,7 @@ from service.oip import (
     OipError,
     error_status,
     max_request_bytes,
+    model_config_doc,
     model_metadata_doc,
     run_inference,
     served_model,
@@ -36,6 +40,7 @@ from service.protocol import grpc_predict_v2_pb2 as pb
 from service.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.grpc_codec import (
     build_grpc_response,
+    model_config_response,
     model_metadata_response,
     parse_grpc_request,
     server_metadata_response,
@@ -95,7 +100,7 @@ def _rpc(method: Method) -> Method:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The six RPCs of the KServe v2 gRPC protocol over the service's state."""
+    """The six rpcs of the KServe v2 gRPC protocol, and Triton's ModelConfig."""
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
@@ -130,6 +135,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         model = served_model(self.state, request.name, request.version)
         return model_metadata_response(model_metadata_doc(self.state, model))
+
+    @_rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        model = served_model(self.state, request.name, request.version)
+        return model_config_response(model_config_doc(self.state, model))
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:

@@ -5,7 +5,8 @@ one bytes entry per input, in input order) or as typed ``contents`` lists; a req
 uses one form for all its inputs. Responses always use ``raw_output_contents`` (BYTES
 outputs framed with 4-byte little-endian lengths), which is what
 ``tritonclient.grpc.InferResult.as_numpy`` decodes first. The REST-only
-``binary_data`` settings do not apply here.
+``binary_data`` settings do not apply here. ``model_config_response`` answers
+Triton's ``ModelConfig`` rpc (perf_analyzer calls it with ``-i grpc``).
 """
 
 from __future__ import annotations
@@ -147,3 +148,35 @@ def model_metadata_response(metadata: Mapping[str, Any]) -> pb.ModelMetadataResp
             for t in metadata["outputs"]
         ],
     )
+
+
+def model_config_response(config: Mapping[str, Any]) -> pb.ModelConfigResponse:
+    """A ``ModelConfigResponse`` (Triton's extension) from ``metadata.model_config(...)``."""
+    inputs = []
+    for t in config["input"]:
+        entry = pb.ModelInput(
+            name=t["name"],
+            data_type=pb.DataType.Value(t["data_type"]),
+            dims=t["dims"],
+            optional=t.get("optional", False),
+        )
+        if "reshape" in t:
+            entry.reshape.shape.extend(t["reshape"]["shape"])
+        inputs.append(entry)
+    msg = pb.ModelConfig(
+        name=config["name"],
+        platform=config["platform"],
+        max_batch_size=config["max_batch_size"],
+        input=inputs,
+        output=[
+            pb.ModelOutput(
+                name=t["name"], data_type=pb.DataType.Value(t["data_type"]), dims=t["dims"]
+            )
+            for t in config["output"]
+        ],
+    )
+    if "dynamic_batching" in config:
+        msg.dynamic_batching.max_queue_delay_microseconds = config["dynamic_batching"][
+            "max_queue_delay_microseconds"
+        ]
+    return pb.ModelConfigResponse(config=msg)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from oip_helpers import MAX_BATCH, images, model_results
+from tritonclient.grpc import model_config_pb2 as triton_config_pb
 from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
@@ -24,11 +25,12 @@ from service.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.protocol.errors import ProtocolError
 from service.protocol.grpc_codec import (
     build_grpc_response,
+    model_config_response,
     model_metadata_response,
     parse_grpc_request,
     server_metadata_response,
 )
-from service.protocol.metadata import model_metadata, server_metadata
+from service.protocol.metadata import model_config, model_metadata, server_metadata
 from service.protocol.signature import CIFAR10_LABELS
 
 FILES = [b"\xff\xd8\xff\xe0 a jpeg \x00\x00", b"\x89PNG\r\n\x1a\n\x00 a png"]
@@ -192,6 +194,33 @@ def test_raw_and_typed_contents_together(rng):
     msg.inputs[0].contents.uint_contents.append(1)
     with pytest.raises(ProtocolError, match="contents must be empty"):
         parse(msg)
+
+
+def test_model_config_response_reads_as_tritons_own_message():
+    """Our subset of Triton's ModelConfig keeps its field numbers: Triton's classes read it."""
+    ours = model_config_response(model_config("seednet", "pytorch_libtorch", MAX_BATCH, 2000))
+    config = triton_pb.ModelConfigResponse.FromString(ours.SerializeToString()).config
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "seednet",
+        "pytorch_libtorch",
+        MAX_BATCH,
+    )
+    name = triton_config_pb.DataType.Name
+    assert [(i.name, name(i.data_type), list(i.dims), i.optional) for i in config.input] == [
+        ("images", "TYPE_UINT8", [3, 32, 32], True),
+        ("image_bytes", "TYPE_STRING", [1], True),
+    ]
+    # image_bytes: "reshape: { shape: [] }" (present, empty); images: no reshape
+    assert [i.HasField("reshape") for i in config.input] == [False, True]
+    assert list(config.input[1].reshape.shape) == []
+    assert [(o.name, name(o.data_type), list(o.dims)) for o in config.output] == [
+        ("probabilities", "TYPE_FP32", [10]),
+        ("attention", "TYPE_FP32", [7, 2]),
+    ]
+    assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    no_batching = model_config_response(model_config("seednet", "pytorch_libtorch", 4, None))
+    assert not no_batching.config.HasField("dynamic_batching")
 
 
 def test_typed_contents_count_mismatch():

@@ -171,6 +171,25 @@ def test_model_config_is_what_perf_analyzer_reads(server, http):
     ]
 
 
+def test_grpc_model_config_equals_the_rest_one(http, grpc):
+    rest = http.get_model_config("tiny")
+    config = grpc.get_model_config("tiny", as_json=True)["config"]
+
+    def ints(xs: list) -> list[int]:  # protobuf's JSON writes int64 as strings
+        return [int(x) for x in xs]
+
+    assert config["max_batch_size"] == rest["max_batch_size"]
+    assert [(i["name"], i["data_type"], ints(i["dims"])) for i in config["input"]] == [
+        (i["name"], i["data_type"], i["dims"]) for i in rest["input"]
+    ]
+    assert [(o["name"], ints(o["dims"])) for o in config["output"]] == [
+        (o["name"], o["dims"]) for o in rest["output"]
+    ]
+    assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == 5000
+    with pytest.raises(InferenceServerException, match="one version at a time"):
+        grpc.get_model_config("tiny", "2")
+
+
 # ------------------------------------------------------------------------------ inference
 
 
