@@ -593,3 +593,102 @@ def test_body_and_message_limits_follow_the_byte_limits(served_registry):
     with pytest.raises(InferenceServerException):
         closed.is_server_live(client_timeout=2)
     closed.close()
+
+
+# ------------------------------------------------------------------------- perf_analyzer
+
+
+def _oip_bench():
+    """bench/oip_bench.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    from tests.conftest import REPO
+
+    if "oip_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("oip_bench", REPO / "bench" / "oip_bench.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["oip_bench"] = module  # dataclasses look their module up while defining
+        spec.loader.exec_module(module)
+    return sys.modules["oip_bench"]
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer():
+    bench = _oip_bench()
+    try:
+        return bench.perf_analyzer_command()
+    except bench.PerfAnalyzerUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_perf_analyzer_runs_without_errors(server, files, perf_analyzer, protocol, tmp_path):
+    import subprocess
+
+    binary, env = perf_analyzer
+    data = tmp_path / "images.json"
+    data.write_text(json.dumps(_oip_bench().input_data(files, "images")))
+    url = server.url.removeprefix("http://") if protocol == "http" else server.grpc_url
+    # -s 1000: this checks that every request succeeds, not that a busy machine is steady
+    argv = [binary, "-m", "tiny", "-u", url, "-i", protocol, "--input-data", str(data)]
+    r = subprocess.run(
+        [*argv, "-p", "2000", "-s", "1000", "-r", "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert re.search(r"Throughput: [0-9.]+ infer/sec", out), out
+    assert "error" not in out.lower(), out
+
+
+@pytest.mark.slow
+def test_oip_bench_prints_a_table_for_both_protocols(server, perf_analyzer, cifar_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    r = subprocess.run(
+        [
+            sys.executable,
+            "bench/oip_bench.py",
+            "--http",
+            server.url.removeprefix("http://"),
+            "--grpc",
+            server.grpc_url,
+            "--model",
+            "tiny",
+            "--inputs",
+            "image_bytes",
+            "--concurrency",
+            "2",
+            "--batch",
+            "2",
+            "--count",
+            "8",
+            "--images",
+            str(cifar_dir / "test"),
+            "--measurement-ms",
+            "1000",
+            "--stability",
+            "1000",
+        ],
+        cwd=REPO,
+        env=perf_analyzer[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = r.stdout.split("\n\n")[-1].splitlines()
+    rows = [line.split() for line in table if line.startswith(("http ", "grpc "))]
+    assert [row[:4] for row in rows] == [
+        ["http", "image_bytes", "2", "2"],
+        ["grpc", "image_bytes", "2", "2"],
+    ]
+    assert all(float(row[4]) > 0 for row in rows)
