@@ -25,8 +25,9 @@ only the one its data names::
 (``-b`` is the images per request; keep it within ``max_batch_size``.) A model view
 that advertises only ``images`` (``inputs=["images"]`` below) would let random data
 drive it as well. Over gRPC
-perf_analyzer also calls Triton's ``ModelConfig`` RPC, which the KServe protocol
-(and so ``grpc_predict_v2.proto``) does not define; ``-i grpc`` needs that RPC added.
+perf_analyzer also calls Triton's ``ModelConfig`` rpc, which the KServe protocol does
+not define; ``grpc_predict_v2.proto`` adds it (``grpc_codec.model_config_response``),
+so ``-i grpc`` works too.
 """
 
 from __future__ import annotations
