@@ -167,7 +167,7 @@ async def start_grpc_server(state: ServiceState, port: int) -> grpc.aio.Server:
     Records the bound port in ``state.grpc_port``; a port that cannot be bound stops
     start-up with an error.
     """
-    limit = max_request_bytes(state.settings)
+    limit = min(max_request_bytes(state.settings), 2**31 - 1)  # gRPC's limits are int32
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),

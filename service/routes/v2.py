@@ -21,6 +21,7 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -66,6 +67,8 @@ class V2Route(APIRoute):
                 return await handler(request)
             except StarletteHTTPException as exc:
                 return v2_error(exc.status_code, str(exc.detail))
+            except RequestValidationError as exc:  # (every v2 parameter is a string today)
+                return v2_error(400, "; ".join(str(e.get("msg")) for e in exc.errors()))
             except Exception as exc:
                 mapped = error_status(exc)
                 if mapped is None:
