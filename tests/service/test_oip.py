@@ -75,6 +75,9 @@ def http(server):
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     yield client
     client.close()
+    # tritonclient's __del__ closes again, from whatever thread the garbage collector
+    # happens to run in, and gevent refuses that: closed once is enough.
+    client.close = lambda: None
 
 
 @pytest.fixture
