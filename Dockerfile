@@ -86,7 +86,8 @@ ENV HOME=/app \
     MPLCONFIGDIR=/tmp/matplotlib \
     SEEDNET_REGISTRY_ROOT=/app/models \
     SEEDNET_HOST=0.0.0.0 \
-    SEEDNET_PORT=8000
+    SEEDNET_PORT=8000 \
+    SEEDNET_GRPC_PORT=8001
 
 # The registry (manifests + weights; derived exports are excluded by .dockerignore).
 # "pyproject.toml model[s]": the glob makes a missing models/ folder (a fresh clone with no
@@ -102,7 +103,8 @@ RUN rm -f /app/models/pyproject.toml \
     && python -m service.registry --root /app/models materialize \
     && python -m service.registry --root /app/models verify
 
-EXPOSE 8000
+# 8000: HTTP (/predict, /v2 inference protocol...); 8001: gRPC (KServe v2 / Triton clients).
+EXPOSE 8000 8001
 # Ready = model loaded. urllib only: no curl in the image.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD python -c "import os, sys, urllib.request; port = os.environ.get('SEEDNET_PORT', '8000'); r = urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % port, timeout=4); sys.exit(0 if r.status == 200 else 1)"

@@ -167,6 +167,7 @@ else
     export SEEDNET_UID="$(id -u)" SEEDNET_GID="$(id -g)"
 fi
 export SEEDNET_PUBLISH="127.0.0.1:$PORT"
+export SEEDNET_GRPC_PUBLISH="127.0.0.1:$((PORT + 1))"  # gRPC beside it, never the host's 8001
 export SEEDNET_DEVICE=cpu
 
 COMPOSE_UP=1   # from here on the trap runs `compose down -v`

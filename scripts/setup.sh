@@ -16,3 +16,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
+# perf_analyzer (shipped in the tritonclient wheel of the dev extra) links libcudart.so.12
+# even on a CPU host. Keep that runtime outside site-packages, so torch never loads a
+# second CUDA runtime; bench/oip_bench.py adds this folder to LD_LIBRARY_PATH.
+if [ "$extra" = dev ] && [ -x .venv/bin/perf_analyzer ] && [ ! -d .venv/perf_analyzer-libs ]; then
+    .venv/bin/python -m pip install -q --target .venv/perf_analyzer-libs nvidia-cuda-runtime-cu12 \
+        || echo "warning: no libcudart.so.12 for perf_analyzer; its tests will be skipped" >&2
+fi

@@ -3,10 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
-# The /attention page is tested in Debian's headless Chromium; install it when we can.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
-        || echo "warning: could not install chromium; the browser test will skip (fail under CI)" >&2
+# Debian packages some tests need, installed when we can (else those tests are skipped):
+# chromium for the browser tests (/attention, /docs), libb64-0d for perf_analyzer.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+/sbin/ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d' || missing+=(libb64-0d)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null) \
+        || echo "warning: could not install ${missing[*]}; the tests that need them skip (fail under CI)" >&2
 fi
 .venv/bin/ruff check seednet registry training service bench tests scripts
 exec .venv/bin/python -m pytest -q "$@"

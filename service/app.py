@@ -3,7 +3,9 @@
 Nothing is loaded at import time. The lifespan starts the batcher (the model thread),
 then resolves the configured registry version, verifies its files, builds missing exports,
 loads and warms the model up on the model thread; uvicorn accepts connections only once
-that is done, so /health/ready answers 200 from the first request on.
+that is done, so /health/ready answers 200 from the first request on. Then, when
+``SEEDNET_GRPC_PORT`` is set, it starts the gRPC server (KServe v2) in the same event
+loop; on shutdown that server stops first, then the batcher.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from service.batching import Batcher, BatchStats
 from service.config import Settings
 from service.deps import require_model
 from service.errors import install_error_handlers
+from service.grpc_server import start_grpc_server, stop_grpc_server
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
-from service.routes import attention, health, models, predict
+from service.routes import attention, health, models, predict, v2
+from service.routes.docs import install_docs
 from service.routes.observability import install_request_metrics
 from service.state import ServiceState
 
@@ -67,11 +71,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = None
         if settings.alias_poll_seconds:
             watcher = asyncio.create_task(state.follow_alias(settings.alias_poll_seconds))
-        yield
-        if watcher is not None:
-            watcher.cancel()
-        await state.batcher.stop()
-        metrics.worker_exited(os.getpid())
+        grpc_server = None
+        if settings.grpc_port is not None:
+            grpc_server = await start_grpc_server(state, settings.grpc_port)
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if grpc_server is not None:
+                await stop_grpc_server(state, grpc_server)
+            await state.batcher.stop()
+            metrics.worker_exited(os.getpid())
 
     app = FastAPI(
         title="SeedNet inference service",
@@ -79,17 +90,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=(
             "CIFAR-10 classification with per-block attention weights, served from the "
             "model registry. Upload images to `POST /predict`; open `/attention` in a "
-            "browser to see what the model attends to."
+            "browser to see what the model attends to. The same model answers the Open "
+            "Inference Protocol v2 (KServe / Triton clients) under `/v2` and over gRPC."
         ),
         lifespan=lifespan,
+        docs_url=None,  # install_docs serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
     app.state.service = state
     app.state.templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
     install_error_handlers(app)
 
     install_request_metrics(app, metrics)
-    for module in (predict, attention, models, health):
+    for module in (predict, attention, models, health, v2):
         app.include_router(module.router)
+    install_docs(app)
     app.mount("/static", StaticFiles(directory=str(PACKAGE_DIR / "static")), name="static")
     return app
 

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(None, description="bearer token for /models admin routes")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="KServe v2 gRPC port on `host` (unset: no gRPC server; 0: any free port)",
+    )
     log_level: str = "info"
     access_log: bool = Field(True, description="one log line per request (uvicorn's access log)")
 

@@ -4,6 +4,11 @@ With several worker processes (``SEEDNET_WORKERS``), ``python -m service`` point
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before the workers start: every worker
 then writes its values there and any worker's ``/metrics`` renders the sum of all of
 them (prometheus_client's multiprocess mode); gauges keep one series per live worker.
+
+Requests are counted per ``protocol``: ``rest`` (the JSON API: /predict, /models...),
+``rest_v2`` (the inference protocol over HTTP, /v2/...) and ``grpc`` (the same protocol
+over gRPC; ``route`` is the RPC, ``method`` is ``RPC`` and ``status`` the gRPC code
+name). Every protocol feeds the same batcher, so the batch metrics cover them all.
 """
 
 from __future__ import annotations
@@ -37,20 +42,20 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "seednet_requests",
-            "HTTP requests by route, method and status",
-            ["route", "method", "status"],
+            "requests by protocol, route, method and status",
+            ["protocol", "route", "method", "status"],
             registry=r,
         )
         self.errors = Counter(
             "seednet_request_errors",
-            "HTTP responses with status >= 400",
-            ["route", "status"],
+            "failed requests (HTTP status >= 400, gRPC status other than OK)",
+            ["protocol", "route", "status"],
             registry=r,
         )
         self.latency = Histogram(
             "seednet_request_duration_seconds",
-            "HTTP request latency",
-            ["route"],
+            "request latency",
+            ["protocol", "route"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -97,6 +102,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def on_request(
+        self, protocol: str, route: str, method: str, status: str, failed: bool, seconds: float
+    ) -> None:
+        """One finished request of any protocol (``route`` is a template, never a raw path)."""
+        self.requests.labels(protocol, route, method, status).inc()
+        self.latency.labels(protocol, route).observe(seconds)
+        if failed:
+            self.errors.labels(protocol, route, status).inc()
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

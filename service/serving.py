@@ -76,6 +76,8 @@ class ServingModel:
     backend: Backend
     class_names: list[str]
     info: dict = field(default_factory=dict)
+    #: Per-image shape of the attention output (blocks, branches), as the warm-up saw it.
+    attention_dims: tuple[int, ...] = (7, 2)
 
     @classmethod
     def load(
@@ -90,19 +92,21 @@ class ServingModel:
         t0 = time.perf_counter()
         try:
             be = open_backend(prepared.backend, mv, prepared.artefact, prepared.device, cuda_graphs)
+            attention_dims: tuple[int, ...] = cls.attention_dims  # (no warm-up: the default)
             for n in warmup_batches:  # first calls allocate and pick kernels: pay it now
                 probs, att = be.run(np.zeros((n, 3, 32, 32), dtype=np.uint8))
                 if probs.shape != (n, len(classes)) or att.ndim != 3:
                     raise ModelLoadError(
                         f"{mv.ref}: unexpected output shapes {probs.shape}, {att.shape}"
                     )
+                attention_dims = tuple(att.shape[1:])
         except ModelLoadError:
             raise
         except Exception as exc:  # a broken artefact: say which version, keep serving
             raise ModelLoadError(f"{mv.ref} failed to load on {prepared.device}: {exc}") from exc
         log.info("warmed up %s in %.1fs", mv.ref, time.perf_counter() - t0)
         info = {"name": mv.name, "version": mv.version, "backend": be.name, "device": be.device}
-        return cls(mv, be, classes, info)
+        return cls(mv, be, classes, info, attention_dims)
 
 
 def load_backend(

@@ -30,6 +30,13 @@ class ServiceState:
     batcher: Batcher | None = None
     swap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: float = field(default_factory=time.time)
+    #: The port the gRPC server listens on (None: not started); see service.grpc_server.
+    grpc_port: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        """A model is loaded and warmed up: the one answer of every readiness check."""
+        return self.model is not None
 
     async def load(
         self, ref: str, name: str | None = None, commit: Callable[[], None] | None = None

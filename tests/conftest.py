@@ -145,6 +145,14 @@ class LiveServer:
         )
         self.url = f"http://127.0.0.1:{self.port}"
 
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC server (start it with ``grpc_port=0``: any free port)."""
+        port = self.app.state.service.grpc_port
+        if port is None:
+            raise RuntimeError("this server runs no gRPC server (pass grpc_port=0)")
+        return f"127.0.0.1:{port}"
+
     def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 300
@@ -175,6 +183,7 @@ def server(served_registry) -> Iterator[LiveServer]:
         max_images_per_request=40,
         max_upload_bytes=2_000_000,
         max_image_pixels=4_000_000,
+        grpc_port=0,
     ) as srv:
         yield srv
 

@@ -22,7 +22,7 @@ async def live() -> dict:
     responses={503: {"description": "still loading"}},
 )
 async def ready(state: State):
-    if state.model is None:
+    if not state.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
     return {"status": "ready", "model": state.model.info}
 

@@ -1,4 +1,4 @@
-"""Request counters and latency per route template (bounded label cardinality)."""
+"""HTTP request counters and latency per route template (bounded label cardinality)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ def install_request_metrics(app: FastAPI, metrics: Metrics) -> None:
             path = getattr(route, "path", None) or "unmatched"
             if path.startswith("/static"):
                 path = "/static"
-            metrics.requests.labels(path, request.method, str(status)).inc()
-            metrics.latency.labels(path).observe(time.perf_counter() - t0)
-            if status >= 400:
-                metrics.errors.labels(path, str(status)).inc()
+            protocol = "rest_v2" if path == "/v2" or path.startswith("/v2/") else "rest"
+            metrics.on_request(
+                protocol,
+                path,
+                request.method,
+                str(status),
+                status >= 400,
+                time.perf_counter() - t0,
+            )

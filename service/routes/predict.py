@@ -118,7 +118,7 @@ async def predict(
     uploads = await read_uploads(request, state.settings)
     # Decoding is CPU work: do it off the event loop.
     prepared = await asyncio.to_thread(
-        lambda: [_prepare(u.data, u.filename, state.limits) for u in uploads]
+        lambda: [prepare_image(u.data, u.filename, state.limits) for u in uploads]
     )
     (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
     return build_response(model, uploads, prepared, probs, attention, top_k, include_input)
@@ -159,7 +159,8 @@ def build_response(
     return PredictResponse(model=ModelRef(**model.info), predictions=predictions)
 
 
-def _prepare(data: bytes, name: str | None, limits: ImageLimits) -> PreparedImage:
+def prepare_image(data: bytes, name: str | None, limits: ImageLimits) -> PreparedImage:
+    """``preprocess`` with the file's name in the error (CPU work: call it off the loop)."""
     try:
         return preprocess(data, limits)
     except PreprocessingError as exc:

@@ -38,6 +38,7 @@ def browser():
     if not CHROMIUM.exists():
         missing(f"{CHROMIUM} is missing: install Debian's chromium to run browser tests")
     from playwright import sync_api
+
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:

@@ -160,6 +160,6 @@ def test_two_workers_share_one_metrics_view_and_follow_a_promote(served_registry
         out, _ = proc.communicate(timeout=60)
     assert promoted.status_code == 200, promoted.text
     assert metric_value(metrics, "seednet_images_processed_total") == 12
-    ok = 'seednet_requests_total{method="POST",route="/predict",status="200"}'
+    ok = 'seednet_requests_total{method="POST",protocol="rest",route="/predict",status="200"}'
     assert metric_value(metrics, ok) == 12
     assert out.count("serving tiny@1 on torchscript/cpu") == 2  # one per worker

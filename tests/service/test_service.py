@@ -405,7 +405,7 @@ def test_64_concurrent_requests_are_batched_and_each_gets_its_own_answer(server,
     )
     assert images == 64
     assert batches < 64, "no batch held more than one image"
-    ok = 'seednet_requests_total{method="POST",route="/predict",status="200"}'
+    ok = 'seednet_requests_total{method="POST",protocol="rest",route="/predict",status="200"}'
     assert metric_value(after, ok) - metric_value(before, ok) == 64
 
 

@@ -1,0 +1,230 @@
+"""The Open Inference Protocol v2 over HTTP (KServe v2 / Triton): ``/v2/...``.
+
+Health, server and model metadata, Triton's model config, readiness and inference,
+with JSON or binary tensors (``service.protocol.rest``). Requests share the model,
+the batcher and the image limits of ``/predict`` (``service.oip``).
+
+Errors are the protocol's shape, ``{"error": "<message>"}``, not the JSON API's:
+``V2Route`` wraps every route of this router, so any error raised in a v2 route or
+its dependencies is turned into that shape in one place, with the status
+``service.oip.error_status`` gives it. Paths under ``/v2`` that match no route get
+the same shape from the catch-all route at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from service.deps import State
+from service.oip import (
+    OipError,
+    error_status,
+    max_request_bytes,
+    model_config_doc,
+    model_metadata_doc,
+    run_inference,
+    served_model,
+    server_metadata_doc,
+    signature_of,
+)
+from service.protocol.rest import (
+    INFERENCE_HEADER_CONTENT_LENGTH,
+    build_rest_response,
+    parse_header_length,
+    parse_rest_request,
+)
+
+log = logging.getLogger("seednet.v2")
+
+#: Bodies larger than this are parsed on a worker thread (JSON of many images is CPU work).
+INLINE_PARSE_BYTES = 256 * 1024
+
+
+def v2_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class V2Route(APIRoute):
+    """An APIRoute whose errors come out as ``{"error": "..."}`` (the one place for it)."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except StarletteHTTPException as exc:
+                return v2_error(exc.status_code, str(exc.detail))
+            except RequestValidationError as exc:  # (every v2 parameter is a string today)
+                return v2_error(400, "; ".join(str(e.get("msg")) for e in exc.errors()))
+            except Exception as exc:
+                mapped = error_status(exc)
+                if mapped is None:
+                    log.exception("unexpected error in %s %s", request.method, request.url.path)
+                    return v2_error(500, "the server failed to handle this request; it is logged")
+                return v2_error(*mapped)
+
+        return handle
+
+
+router = APIRouter(prefix="/v2", tags=["inference protocol v2"], route_class=V2Route)
+
+
+def path_version(request: Request) -> str | None:
+    """The ``{version}`` of ``.../versions/{version}/...`` routes (None on the others)."""
+    return request.path_params.get("version")
+
+
+Version = Annotated[str | None, Depends(path_version)]
+VERSION_PARAMETER = {
+    "parameters": [
+        {
+            "name": "version",
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "a registry version; only the served one answers",
+        }
+    ]
+}
+
+
+def model_route(method: str, suffix: str, summary: str):
+    """Register an endpoint on ``/models/{name}{suffix}`` and on the versioned path."""
+
+    def register(endpoint):
+        router.add_api_route(
+            f"/models/{{name}}{suffix}", endpoint, methods=[method], summary=summary
+        )
+        router.add_api_route(
+            f"/models/{{name}}/versions/{{version}}{suffix}",
+            endpoint,
+            methods=[method],
+            summary=f"{summary} (one version)",
+            openapi_extra=VERSION_PARAMETER,
+        )
+        return endpoint
+
+    return register
+
+
+@router.get("", summary="Server metadata: name, version, protocol extensions")
+async def server_metadata() -> dict:
+    return server_metadata_doc()
+
+
+@router.get("/health/live", summary="The server is live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get(
+    "/health/ready",
+    summary="The server is ready (same answer as /health/ready)",
+    responses={400: {"description": "not ready: the model is still loading"}},
+)
+async def ready(state: State) -> Response:
+    if not state.ready:  # the protocol says 4xx for "not ready"
+        return v2_error(400, "the model is still loading")
+    return JSONResponse({"ready": True})
+
+
+@model_route("GET", "", "Model metadata: platform, registry versions, inputs and outputs")
+async def model_metadata(name: str, version: Version, state: State) -> dict:
+    return model_metadata_doc(state, served_model(state, name, version))
+
+
+@model_route("GET", "/ready", "The model (version) is loaded and serving")
+async def model_ready(name: str, version: Version, state: State) -> dict:
+    model = served_model(state, name, version)  # 4xx for any model that is not
+    return {"name": model.info["name"], "version": model.info["version"], "ready": True}
+
+
+@model_route("GET", "/config", "Triton model configuration (max_batch_size, inputs, outputs)")
+async def model_config(name: str, version: Version, state: State) -> dict:
+    return model_config_doc(state, served_model(state, name, version))
+
+
+@model_route("POST", "/infer", "Inference: images (UINT8) or image_bytes (BYTES), JSON or binary")
+async def infer(name: str, version: Version, request: Request, state: State) -> Response:
+    settings = state.settings
+    served_model(state, name, version)  # 404/400/503 before reading the body
+    body = await read_body(request, max_request_bytes(settings))
+    length = parse_header_length(request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH))
+    parse = partial(
+        parse_rest_request, body, length, max_batch_size=settings.max_images_per_request
+    )
+    parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
+    results, model = await run_inference(state, parsed)
+    response = build_rest_response(
+        parsed,
+        results,
+        model_name=model.info["name"],
+        model_version=model.info["version"],
+        signature=signature_of(model),
+    )
+    return Response(response.body, headers=response.headers)
+
+
+CATCH_ALL = "/v2/{path:path}"
+
+
+@router.api_route(
+    "/{path:path}",
+    methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
+    include_in_schema=False,
+)
+async def no_such_route(request: Request) -> Response:
+    # A known path with another method is a 405, as Starlette would answer it.
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path != CATCH_ALL:
+            match, _ = route.matches({**request.scope, "method": "\0"})
+            if match == Match.PARTIAL:
+                return v2_error(405, f"{request.method} is not allowed on {request.url.path}")
+    return v2_error(404, f"no such route: {request.url.path}")
+
+
+#: Content-Encoding values tritonclient can send, and their zlib window bits.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (after decompression): else 413."""
+    too_large = f"the request body is over the limit of {limit} bytes"
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise OipError(413, too_large)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", *_DECODERS):
+        raise OipError(400, f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OipError(413, too_large)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if encoding == "identity":
+        return body
+    decoder = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        out = decoder.decompress(body, limit + 1)  # never inflate past the limit
+    except zlib.error as exc:
+        raise OipError(400, f"the {encoding} body cannot be decompressed: {exc}") from None
+    if len(out) > limit:
+        raise OipError(413, too_large)
+    if not decoder.eof:
+        raise OipError(400, f"the {encoding} body is truncated")
+    return out
