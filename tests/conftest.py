@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -67,8 +70,40 @@ def served_registry(tmp_path_factory, tiny_run) -> Path:
 
     root = tmp_path_factory.mktemp("registry")
     publish_run(tiny_run, "tiny", root, alias="production")
-    publish_run(tiny_run, "tiny", root)
+    publish_run(tiny_run, "tiny", root, force=True)  # same run: a second version on purpose
     return root
+
+
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make ``path`` (a folder) really read-only for this process, then writable again.
+
+    Not root: remove the write bits. Root ignores those, so a read-only bind mount of the
+    folder onto itself (needs CAP_SYS_ADMIN); the test is skipped where neither works.
+    """
+    if os.geteuid() != 0:
+        folders = [path, *(p for p in path.rglob("*") if p.is_dir())]
+        modes = {p: p.stat().st_mode for p in folders}
+        for p in folders:
+            p.chmod(modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        try:
+            yield
+        finally:
+            for p in folders:
+                p.chmod(modes[p])
+        return
+    mount = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot make a folder read-only as root here: {mount.stderr.decode()}")
+    try:
+        remount = subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, check=False
+        )
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {remount.stderr.decode()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def free_port() -> int:
