@@ -295,7 +295,9 @@ class Registry:
         except RegistryError:
             raise
         except OSError as e:
-            where = f" ({self.relative(e.filename)})" if e.filename else ""
+            named = self.relative(e.filename) if e.filename else ""
+            # a temp file's random name says nothing that ``what`` does not
+            where = f" ({named})" if named and TMP_PREFIX not in named else ""
             raise StorageError(
                 f"cannot write {what}: {os_reason(e)}{where}"
             ) from e
