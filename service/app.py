@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.routes import attention, health, models, predict
 from service.routes.observability import install_request_metrics
+from service.security import SecurityHeadersMiddleware
 from service.state import ServiceState
 
 PACKAGE_DIR = Path(__file__).parent
@@ -64,12 +65,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "browser to see what the model attends to."
         ),
         lifespan=lifespan,
+        # A redirect to the slash-less route would be built from the Host header.
+        redirect_slashes=False,
     )
     app.state.service = state
     app.state.templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
+    # Middleware order, innermost first: the catch-all 500 (installed with the error
+    # handlers), request metrics (so they count that 500), security headers (on all).
     install_error_handlers(app)
-
     install_request_metrics(app, metrics)
+    docs = {"/docs", "/redoc", app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=frozenset(p for p in docs if p))
     for module in (predict, attention, models, health):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=str(PACKAGE_DIR / "static")), name="static")
