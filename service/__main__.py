@@ -9,6 +9,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.server import uvicorn_config
 
 
 def configure_logging(settings: Settings) -> None:
@@ -23,13 +24,7 @@ def configure_logging(settings: Settings) -> None:
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-    )
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
 
 
 if __name__ == "__main__":

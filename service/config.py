@@ -28,8 +28,28 @@ class Settings(BaseSettings):
     )
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="bytes per image file")
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="bytes per request body (multipart framing included)"
+    )
     max_image_pixels: int = Field(40_000_000, gt=0, description="width x height per image")
     max_images_per_request: int = Field(64, gt=0)
+
+    # Slow clients. uvicorn's own settings where it has one; the header and body
+    # deadlines are the service's (service.server, service.uploads).
+    timeout_headers: float = Field(
+        10.0, gt=0, description="seconds for a request line + headers to arrive"
+    )
+    timeout_body: float = Field(60.0, gt=0, description="seconds for a whole request body")
+    timeout_keep_alive: int = Field(5, gt=0, description="idle keep-alive connection, seconds")
+    timeout_graceful_shutdown: int = Field(
+        20, gt=0, description="seconds in-flight requests get after SIGTERM"
+    )
+    h11_max_incomplete_event_size: int = Field(
+        16 * 1024, gt=0, description="bytes of request line + headers"
+    )
+    limit_concurrency: int | None = Field(
+        None, gt=0, description="connections + tasks before uvicorn answers 503 (unset: none)"
+    )
 
     batching: bool = Field(True, description="merge concurrent requests into one forward pass")
     max_batch_size: int = Field(64, gt=0, description="images per forward pass")

@@ -118,13 +118,13 @@ class LiveServer:
     def __init__(self, **overrides) -> None:
         from service.app import create_app
         from service.config import Settings
+        from service.server import uvicorn_config
 
         self.port = free_port()
         self.settings = Settings(host="127.0.0.1", port=self.port, **overrides)
         self.app = create_app(self.settings)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
-        )
+        # The service's own uvicorn settings (timeouts, header deadline), quieter logs.
+        config = uvicorn_config(self.app, self.settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
