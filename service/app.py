@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -18,6 +19,7 @@ from fastapi.templating import Jinja2Templates
 from registry import Registry
 from service.batching import Batcher, BatchStats
 from service.config import Settings
+from service.decoding import DecodePool
 from service.deps import require_model
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -38,7 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry=Registry(settings.registry_root),
         metrics=metrics,
         limits=ImageLimits(
-            max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
         ),
     )
 
@@ -52,8 +56,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stats=BatchStats(on_batch=metrics.on_batch, on_wait=metrics.on_wait),
         )
         state.batcher.start()
+        state.decoder = DecodePool(settings.decode_workers)
+        # Before the first forward pass, on the thread that runs them.
+        await state.batcher.run_in_model_thread(torch.set_num_threads, settings.torch_threads())
         await state.load(settings.model_ref)  # a failure here stops start-up, loudly
         yield
+        state.decoder.shutdown()
         await state.batcher.stop()
 
     app = FastAPI(

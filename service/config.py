@@ -6,11 +6,20 @@ Every field is documented in README.md ("Configuration"). ``create_app`` takes a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -31,8 +40,22 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, gt=0, description="bytes per request body (multipart framing included)"
     )
-    max_image_pixels: int = Field(40_000_000, gt=0, description="width x height per image")
+    # 4096 x 4096: why this number is in service.preprocessing.ImageLimits
+    max_image_pixels: int = Field(4096 * 4096, gt=0, description="width x height per image")
+    max_request_pixels: int = Field(
+        2 * 4096 * 4096, gt=0, description="decoded pixels per request, summed over its images"
+    )
     max_images_per_request: int = Field(64, gt=0)
+    decode_workers: int = Field(
+        default_factory=lambda: min(4, available_cpus()),
+        gt=0,
+        description="threads decoding images, shared fairly by all requests",
+    )
+    inference_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch intra-op threads (unset: the CPUs left by the decode workers, >= 1)",
+    )
 
     # Slow clients. uvicorn's own settings where it has one; the header and body
     # deadlines are the service's (service.server, service.uploads).
@@ -55,6 +78,14 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, gt=0, description="images per forward pass")
     max_batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     cuda_graphs: bool = Field(True, description="replay CUDA graphs for small batches on GPU")
+
+    def torch_threads(self) -> int:
+        """Intra-op threads for inference. By default the decode workers keep their CPUs:
+        torch's threads spin-wait at every parallel step, and with fewer cores than threads
+        a batch took seconds instead of milliseconds (tests/service/test_hostile.py)."""
+        if self.inference_threads is not None:
+            return self.inference_threads
+        return max(1, available_cpus() - self.decode_workers)
 
     admin_token: str | None = Field(None, description="bearer token for /models admin routes")
     host: str = "127.0.0.1"

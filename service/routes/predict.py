@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from typing import Annotated
@@ -12,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from service.decoding import decode_uploads
 from service.deps import ModelDep, State
 from service.preprocessing import ImageLimits, PreparedImage, PreprocessingError, preprocess
 from service.serving import ServingModel
@@ -116,10 +116,8 @@ async def predict(
     ] = False,
 ) -> PredictResponse:
     uploads = await read_uploads(request, state.settings)
-    # Decoding is CPU work: do it off the event loop.
-    prepared = await asyncio.to_thread(
-        lambda: [_prepare(u.data, u.filename, state.limits) for u in uploads]
-    )
+    # CPU work on the bounded decode pool, within the request's pixel budget.
+    prepared = await decode_uploads(state.decoder, uploads, state.limits)
     (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
     return build_response(model, uploads, prepared, probs, attention, top_k, include_input)
 
