@@ -138,7 +138,7 @@ def test_png_bomb_header_is_refused_fast_without_decoding(no_decoding: None) -> 
 
 
 def test_pixel_limit_is_our_own_below_pillows_global_guard(no_decoding: None) -> None:
-    # 8000 x 6000 = 48M pixels: over our 40M default, under Pillow's global 89M guard.
+    # 8000 x 6000 = 48M pixels: over our 16.8M default, under Pillow's global 89M guard.
     data = make.png_bomb_header(8000, 6000)
     err = expect_error(data, TooManyPixelsError)
     assert "8000x6000" in err.message
