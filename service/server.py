@@ -45,7 +45,7 @@ def _error_bytes(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode("ascii") + body
 
 
-class _Deadline:
+class HeaderDeadline:
     """The header clock of one connection (mixed into a uvicorn protocol class)."""
 
     header_timeout: float = 10.0
@@ -89,7 +89,7 @@ class _Deadline:
 
 if HttpToolsProtocol is not None:
 
-    class _HttpToolsDeadline(_Deadline, HttpToolsProtocol):
+    class _HttpToolsDeadline(HeaderDeadline, HttpToolsProtocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
@@ -116,7 +116,7 @@ if HttpToolsProtocol is not None:
             super().connection_lost(exc)
 
 
-class _H11Deadline(_Deadline, H11Protocol):
+class _H11Deadline(HeaderDeadline, H11Protocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
@@ -136,7 +136,7 @@ class _H11Deadline(_Deadline, H11Protocol):
 
 
 def protocol_class(settings: Settings, implementation: str = "auto") -> type:
-    """The HTTP protocol class uvicorn would pick, with :class:`_Deadline` added."""
+    """The HTTP protocol class uvicorn would pick, with :class:`HeaderDeadline` added."""
     use_h11 = implementation == "h11" or HttpToolsProtocol is None
     base = _H11Deadline if use_h11 else _HttpToolsDeadline
     return type(
