@@ -657,6 +657,31 @@ def test_a_stalled_upload_is_cut_off_while_others_are_served(hostile) -> None:
         s.close()
 
 
+def test_the_header_deadline_holds_on_uvicorns_h11_implementation_too(
+    served_registry, tmp_path
+) -> None:
+    from service.server import protocol_class
+
+    srv = serve(copy_registry(served_registry, tmp_path), timeout_headers=1.0)
+    srv.server.config.http = protocol_class(srv.settings, "h11")  # read when it starts
+    with srv:
+        assert srv.server.config.http_protocol_class.__name__ == "_H11Deadline"
+        slow = raw_connection(srv.url)
+        slow.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-A")
+        silent = raw_connection(srv.url)
+        with httpx.Client(timeout=30) as client:  # keep-alive: a second request's head too
+            for _ in range(2):
+                seconds, r = one_image(srv.url, client)
+                assert r.status_code == 200 and seconds < 1.0
+        t0 = time.perf_counter()
+        status, _, body = read_response(slow, timeout=5)
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+        assert closed_by_peer(slow) and closed_by_peer(silent, timeout=5)
+        assert time.perf_counter() - t0 < 2
+        for s in (slow, silent):
+            s.close()
+
+
 def test_idle_keep_alive_connections_are_closed(hostile) -> None:
     sock = raw_connection(hostile.url)
     sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
