@@ -298,9 +298,7 @@ class Registry:
             named = self.relative(e.filename) if e.filename else ""
             # a temp file's random name says nothing that ``what`` does not
             where = f" ({named})" if named and TMP_PREFIX not in named else ""
-            raise StorageError(
-                f"cannot write {what}: {os_reason(e)}{where}"
-            ) from e
+            raise StorageError(f"cannot write {what}: {os_reason(e)}{where}") from e
 
     @contextmanager
     def _locked(self, name: str, create: bool = False) -> Iterator[Path]:
