@@ -111,6 +111,16 @@ if HttpToolsProtocol is not None:
             if not self.transport.is_closing():
                 super().on_headers_complete()
 
+        # After a refusal the parser still walks the rest of what arrived; no request
+        # cycle exists for it.
+        def on_body(self, body: bytes) -> None:
+            if self.cycle is not None and not self.transport.is_closing():
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self.cycle is not None and not self.transport.is_closing():
+                super().on_message_complete()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)

@@ -88,8 +88,7 @@ async def receive_body(request: Request, max_bytes: int, timeout: float) -> Asyn
             raise ApiError(
                 408,
                 "request_timeout",
-                f"the request body did not arrive within {timeout:g} s "
-                f"({received} bytes received); send it in one go",
+                f"the request body did not arrive within {timeout:g} s ({received} bytes received)",
                 CLOSE,
             ) from None
         if message["type"] == "http.disconnect":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -692,12 +693,31 @@ def test_idle_keep_alive_connections_are_closed(hostile) -> None:
     sock.close()
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_oversized_headers_are_refused(hostile) -> None:
+    errors = _Records()  # uvicorn's loggers do not propagate to pytest's caplog
+    logging.getLogger("uvicorn.error").addHandler(errors)
     sock = raw_connection(hostile.url)
-    sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+    sock.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Pad: "
+        + b"a" * 40_000
+        + b"\r\nContent-Length: 5\r\n\r\nhello"  # the parser walks on after the refusal
+    )
     status, _, body = read_response(sock, timeout=5)
     assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
+    assert closed_by_peer(sock)
     sock.close()
+    assert one_image(hostile.url)[1].status_code == 200
+    logging.getLogger("uvicorn.error").removeHandler(errors)
+    assert errors.records == []
 
 
 def test_stalled_uploads_do_not_hold_up_shutdown(served_registry, tmp_path) -> None:
