@@ -7,8 +7,10 @@ from registry.errors import (
     ConflictError,
     IntegrityError,
     InvalidNameError,
+    MetadataError,
     NotFoundError,
     RegistryError,
+    StorageError,
 )
 from registry.manifest import Manifest, VersionSpec
 from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, validate_name
@@ -19,10 +21,12 @@ __all__ = [
     "IntegrityError",
     "InvalidNameError",
     "Manifest",
+    "MetadataError",
     "ModelVersion",
     "NotFoundError",
     "Registry",
     "RegistryError",
+    "StorageError",
     "VersionSpec",
     "validate_name",
 ]

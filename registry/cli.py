@@ -1,4 +1,5 @@
-"""The registry's command line: list, show, promote, rollback, verify, delete, materialize.
+"""The registry's command line: list, show, promote, rollback, verify, seal, repair, delete,
+materialize.
 
 Building exports needs the network code (torch), which this package never imports: the
 caller passes a ``materialize`` function in. ``python -m service.registry`` (and the
@@ -13,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from registry.errors import RegistryError
+from registry.errors import MetadataError, RegistryError
 from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, check_entry, split_ref
 
 Materializer = Callable[[Registry, ModelVersion], object]
@@ -37,8 +38,13 @@ def _selected(registry: Registry, ref: str | None) -> list[ModelVersion]:
 def _cmd_list(registry: Registry, args: argparse.Namespace) -> int:
     rows = [("NAME", "VERSION", "ALIASES", "TEST ACC", "CREATED")]
     for name in registry.names():
+        try:
+            aliases = registry.aliases(name)
+        except MetadataError as e:  # list the versions anyway; say what is wrong
+            print(f"warning: {' '.join(str(e).split())}", file=sys.stderr)
+            aliases = {}
         for mv in registry.versions(name):
-            pointing = ",".join(registry.aliases_of(mv))
+            pointing = ",".join(sorted(a for a, v in aliases.items() if v == mv.version))
             if mv.problem is None:
                 acc, created = mv.manifest.metrics.test_accuracy, mv.manifest.created
             else:
@@ -81,8 +87,17 @@ def _cmd_rollback(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(registry: Registry, args: argparse.Namespace) -> int:
-    selected = _selected(registry, args.ref)
+    """FAIL lines (exit 1) for what is wrong, WARN lines (exit 0) for what is weak."""
+    names = registry.names() if args.ref is None else [split_ref(args.ref)[0]]
     failed = False
+    for name in names:  # the model's own files first: aliases.json, deleted.json, temp
+        problems, warnings = registry.check_model(name)
+        failed |= bool(problems)
+        for problem in problems:
+            print(f"FAIL {name}: {problem}")
+        for warning in warnings:
+            print(f"WARN {name}: {warning}")
+    selected = _selected(registry, args.ref)
     for mv in selected:
         problems = registry.verify(mv)
         if problems:
@@ -91,9 +106,29 @@ def _cmd_verify(registry: Registry, args: argparse.Namespace) -> int:
                 print(f"FAIL {mv.ref}: {problem}")
         else:
             print(f"OK {mv.ref}")
+            for warning in registry.warnings(mv):
+                print(f"WARN {mv.ref}: {warning}")
     if not selected:
         print(f"no models in {registry.root}")
     return 1 if failed else 0
+
+
+def _cmd_seal(registry: Registry, args: argparse.Namespace) -> int:
+    for mv in _selected(registry, args.ref):
+        if registry.seal(mv):
+            print(f"sealed {mv.ref}: wrote {mv.name}/{mv.version}/manifest.sha256")
+        else:
+            print(f"{mv.ref}: already sealed")
+    return 0
+
+
+def _cmd_repair(registry: Registry, args: argparse.Namespace) -> int:
+    done = registry.repair(args.name, reset=args.reset)
+    for line in done:
+        print(line)
+    if not done:
+        print(f"{args.name}: nothing to repair")
+    return 0
 
 
 def _cmd_delete(registry: Registry, args: argparse.Namespace) -> int:
@@ -126,9 +161,28 @@ def build_parser(materialize: Materializer | None = None) -> argparse.ArgumentPa
             p.add_argument("version")
         p.add_argument("--alias", default=DEFAULT_ALIAS)
         p.set_defaults(func=func)
-    p = sub.add_parser("verify", help="check sizes and sha256 (all versions by default)")
+    p = sub.add_parser(
+        "verify",
+        help="check sizes and sha256 of every file and manifest, aliases.json, deleted.json "
+        "and temp folders (all models by default); exit 1 on any FAIL",
+    )
     p.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
     p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser(
+        "seal", help="write manifest.sha256 for versions published without one (after verify)"
+    )
+    p.add_argument("ref", nargs="?", metavar="NAME[@VERSION]")
+    p.set_defaults(func=_cmd_seal)
+    p = sub.add_parser(
+        "repair",
+        help="restore a corrupt aliases.json (from aliases.log) or deleted.json, "
+        "remove dead writers' temp folders",
+    )
+    p.add_argument("name")
+    p.add_argument(
+        "--reset", action="store_true", help="empty aliases.json instead (then promote a version)"
+    )
+    p.set_defaults(func=_cmd_repair)
     p = sub.add_parser("delete", help="delete an unaliased version")
     p.add_argument("name")
     p.add_argument("version")

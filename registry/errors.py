@@ -31,3 +31,18 @@ class ConflictError(RegistryError):
     """The operation conflicts with the registry state (e.g. deleting an aliased version)."""
 
     code = "conflict"
+
+
+class MetadataError(IntegrityError):
+    """A model's own registry file (aliases.json, deleted.json) is unreadable or malformed.
+
+    Versions stay intact; ``python -m service.registry repair NAME`` restores the file.
+    """
+
+    code = "registry_corrupt"
+
+
+class StorageError(RegistryError):
+    """The registry could not be written (read-only, full, permissions); nothing changed."""
+
+    code = "registry_unwritable"

@@ -16,8 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+try:  # POSIX; without it an owner's liveness cannot be probed and only age counts
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
+# A publisher's temp folder ``.tmp-X`` comes with ``.tmp-X.owner``, a file the publisher
+# holds locked (flock) for as long as it lives: the kernel drops the lock when the process
+# dies, however it dies, so debris is told from work in progress without guessing from age.
+OWNER_SUFFIX = ".owner"
+# A temp entry without an owner is debris once it is this old: registry writers create
+# their temp files under the model lock, so a minute is generous.
+UNOWNED_GRACE_SECONDS = 60.0
 
 
 def fsync_dir(path: Path) -> None:
@@ -112,18 +124,90 @@ def remove_tree_or_file(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def remove_stale_tmp(folder: Path, max_age: float) -> list[str]:
-    """Remove temp leftovers older than ``max_age`` seconds; returns their names.
+class OwnedTmpDir:
+    """A temp folder ``.tmp-X`` whose owner holds ``.tmp-X.owner`` locked until :meth:`release`.
 
-    Young ones may belong to a writer that is still copying.
+    The lock file lives beside the folder, so renaming the folder into place moves only
+    what was published; it is locked under a third name and renamed, so a cleaner never
+    finds it before it is held.
     """
-    removed = []
-    now = time.time()
-    for p in folder.glob(TMP_PREFIX + "*"):
+
+    def __init__(self, parent: Path, label: str = "") -> None:
+        name = tmp_name(label)
+        self.path = parent / name
+        self.lock = parent / (name + OWNER_SUFFIX)
+        pending = parent / (name + OWNER_SUFFIX + ".new")
+        self._fd: int | None = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            if now - p.lstat().st_mtime > max_age:
-                remove_tree_or_file(p)
-                removed.append(p.name)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.replace(pending, self.lock)
+            self.path.mkdir()
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (the folder is the caller's business)."""
+        if self._fd is not None:
+            self.lock.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _owner_alive(lock: Path) -> bool:
+    """Whether a live process holds ``lock`` (a probe that never waits)."""
+    if fcntl is None:  # pragma: no cover - no flock: trust age only
+        return time.time() - lock.stat().st_mtime < 3600
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's lock at once
+    return False
+
+
+def tmp_entries(folder: Path) -> list[tuple[Path, bool]]:
+    """Every temp entry of ``folder`` and whether it is live (owned, or young if unowned).
+
+    Call it holding the registry lock of ``folder``: then an entry without a live owner
+    cannot be half-way through anything. A folder comes before its ``.owner`` file.
+    """
+    entries = sorted(folder.glob(TMP_PREFIX + "*"))
+    owners = {
+        p.name.removesuffix(OWNER_SUFFIX): p for p in entries if p.name.endswith(OWNER_SUFFIX)
+    }
+    probed: dict[Path, bool] = {}
+    out = []
+    now = time.time()
+    for p in entries:
+        lock = owners.get(p.name.removesuffix(OWNER_SUFFIX))
+        try:
+            if lock is not None:
+                if lock not in probed:
+                    probed[lock] = _owner_alive(lock)
+                alive = probed[lock]
+            else:
+                alive = now - p.lstat().st_mtime < UNOWNED_GRACE_SECONDS
+        except FileNotFoundError:
+            continue  # its owner finished meanwhile
         except OSError:
-            pass
+            alive = True  # cannot tell: keep it
+        out.append((p, alive))
+    return out
+
+
+def remove_dead_tmp(folder: Path) -> list[str]:
+    """Remove the temp entries of dead writers (see :func:`tmp_entries`); their names."""
+    removed = []
+    for p, alive in tmp_entries(folder):
+        if not alive:
+            try:
+                remove_tree_or_file(p)
+            except OSError:
+                continue  # e.g. a read-only registry: harmless, verify keeps reporting it
+            removed.append(p.name)
     return removed

@@ -22,6 +22,10 @@ from registry.errors import IntegrityError
 SCHEMA_VERSION = 2
 
 MANIFEST_FILE = "manifest.json"
+# sha256 of manifest.json's bytes, beside it (``sha256sum -c`` format): the manifest
+# holds every other file's checksum, this file holds the manifest's. Written at publish;
+# ``seal`` adds it to versions published before it existed, never touching the manifest.
+MANIFEST_DIGEST_FILE = "manifest.sha256"
 EXPORTS_FILE = "exports.json"
 WEIGHTS_FILE = "weights.safetensors"
 GOLDEN_FILE = "golden.safetensors"  # real test images + the eager outputs recorded at publish

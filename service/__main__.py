@@ -17,26 +17,23 @@ from service.app import create_app
 from service.config import Settings
 from service.logging_setup import configure_logging
 from service.metrics import MULTIPROC_ENV
+from service.server import uvicorn_config, uvicorn_options
 
 
 def main() -> None:
     settings = Settings()
     configure_logging(settings)
-    common = {
-        "host": settings.host,
-        "port": settings.port,
-        "log_level": settings.log_level,
-        "access_log": settings.access_log,
-        "timeout_graceful_shutdown": 30,
-    }
     if settings.workers == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
         return
     metrics_dir = tempfile.mkdtemp(prefix="seednet-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the workers, read at import
     try:
         uvicorn.run(
-            "service.app:app_from_environment", factory=True, workers=settings.workers, **common
+            "service.app:app_from_environment",
+            factory=True,
+            workers=settings.workers,
+            **uvicorn_options(settings),
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -23,6 +23,7 @@ from fastapi.templating import Jinja2Templates
 from registry import Registry
 from service.batching import Batcher, BatchStats
 from service.config import Settings
+from service.decoding import DecodePool
 from service.deps import require_model
 from service.errors import install_error_handlers
 from service.grpc_server import start_grpc_server, stop_grpc_server
@@ -31,6 +32,7 @@ from service.preprocessing import ImageLimits
 from service.routes import attention, health, models, predict, v2
 from service.routes.docs import install_docs
 from service.routes.observability import install_request_metrics
+from service.security import SecurityHeadersMiddleware
 from service.state import ServiceState
 
 PACKAGE_DIR = Path(__file__).parent
@@ -44,7 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry=Registry(settings.registry_root),
         metrics=metrics,
         limits=ImageLimits(
-            max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
         ),
     )
 
@@ -64,9 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue_images=settings.max_queue_images,
             queue_timeout=settings.queue_timeout_ms / 1000 or None,
         )
-        # torch's own pool, per worker: workers x threads never exceeds the cores
-        torch.set_num_threads(settings.compute_threads)
         state.batcher.start()
+        state.decoder = DecodePool(settings.decode_threads())
+        # Before the first forward pass, on the thread that runs them.
+        await state.batcher.run_in_model_thread(torch.set_num_threads, settings.torch_threads())
         await state.load(settings.model_ref)  # a failure here stops start-up, loudly
         watcher = None
         if settings.alias_poll_seconds:
@@ -81,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 watcher.cancel()
             if grpc_server is not None:
                 await stop_grpc_server(state, grpc_server)
+            state.decoder.shutdown()
             await state.batcher.stop()
             metrics.worker_exited(os.getpid())
 
@@ -96,12 +102,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # install_docs serves /docs and /redoc without a CDN
         redoc_url=None,
+        # A redirect to the slash-less route would be built from the Host header.
+        redirect_slashes=False,
     )
     app.state.service = state
     app.state.templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
+    # Middleware order, innermost first: the catch-all 500 (installed with the error
+    # handlers), request metrics (so they count that 500), security headers (on all).
     install_error_handlers(app)
-
     install_request_metrics(app, metrics)
+    docs = {"/docs", "/redoc", app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.add_middleware(SecurityHeadersMiddleware, docs_paths=frozenset(p for p in docs if p))
     for module in (predict, attention, models, health, v2):
         app.include_router(module.router)
     install_docs(app)

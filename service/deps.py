@@ -12,6 +12,7 @@ from service.config import Settings
 from service.errors import ApiError
 from service.serving import ServingModel
 from service.state import ServiceState
+from service.uploads import has_unread_body
 
 
 def get_state(request: Request) -> ServiceState:
@@ -37,18 +38,30 @@ def require_model(state: State) -> ServingModel:
 
 
 def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
-    """Bearer-token check: 401 without credentials, 403 with wrong ones or when disabled."""
+    """Bearer-token check: 401 without credentials, 403 with wrong ones or when disabled.
+
+    Runs before any body is read (admin routes read theirs themselves, capped at a few
+    KiB); a refusal with a body still on the wire closes the connection rather than
+    letting the server read the rest of it.
+    """
+    close = {"Connection": "close"} if has_unread_body(request) else None
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("bearer "):
         raise ApiError(
-            401, "unauthorized", "this route needs 'Authorization: Bearer <SEEDNET_ADMIN_TOKEN>'"
+            401,
+            "unauthorized",
+            "this route needs 'Authorization: Bearer <SEEDNET_ADMIN_TOKEN>'",
+            close,
         )
     if not settings.admin_token:
         raise ApiError(
-            403, "forbidden", "admin routes are disabled: the server has no SEEDNET_ADMIN_TOKEN"
+            403,
+            "forbidden",
+            "admin routes are disabled: the server has no SEEDNET_ADMIN_TOKEN",
+            close,
         )
     if not secrets.compare_digest(header[7:].strip().encode(), settings.admin_token.encode()):
-        raise ApiError(403, "forbidden", "the admin token is not valid")
+        raise ApiError(403, "forbidden", "the admin token is not valid", close)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -3,6 +3,11 @@
 Domain errors (registry, model loading, exports, image preprocessing) know nothing of
 HTTP; :data:`STATUS_BY_ERROR` maps them to a status here, once, and the handlers below
 turn any of them into a response. Routes raise and never catch them.
+
+Anything else a route raises is answered by :class:`CatchAllMiddleware` with a complete
+JSON 500, and the exception stops there. (Starlette's own last resort sends its 500 and
+then re-raises, which makes uvicorn drop the connection: a keep-alive client's next
+request on it would fail with a reset.)
 """
 
 from __future__ import annotations
@@ -13,13 +18,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from registry.errors import (
     ConflictError,
     IntegrityError,
     InvalidNameError,
+    MetadataError,
     NotFoundError,
     RegistryError,
+    StorageError,
 )
 from seednet.export import ExportError
 from service.backends import ModelLoadError
@@ -49,6 +58,9 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (NotFoundError, 404),
     (InvalidNameError, 422),
     (ConflictError, 409),
+    # The registry needs an operator (repair, a writable folder); the model keeps serving.
+    (MetadataError, 503),
+    (StorageError, 503),
     (IntegrityError, 409),  # the version's files differ from what was published
     (RegistryError, 409),
     (ModelLoadError, 409),  # the version exists but cannot be served here
@@ -85,12 +97,58 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
     503: "not_ready",
 }
 _DOMAIN_ERRORS = tuple(cls for cls, _ in STATUS_BY_ERROR)
+
+
+class CatchAllMiddleware:
+    """The last resort: an unexpected exception becomes a complete JSON 500, nothing more.
+
+    Sits just outside FastAPI's exception handlers. If the response had already started,
+    half of it is on the wire and closing the connection is the only honest end, so the
+    exception goes on to uvicorn; no route of this service streams, so that never happens.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # Nobody to answer; a response still completes the request for the middleware
+            # around (metrics count it as nginx does: 499) and uvicorn drops it unsent.
+            log.info("client left during %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                response = error_response(
+                    499, "client_closed_request", "the client closed the connection"
+                )
+                await response(scope, receive, send)
+        except Exception:
+            log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            response = error_response(
+                500,
+                "internal_error",
+                "the server failed to handle this request; it has been logged",
+            )
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -127,9 +185,5 @@ def install_error_handlers(app: FastAPI) -> None:
             getattr(exc, "headers", None),
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception):
-        log.exception("unexpected error")
-        return error_response(
-            500, "internal_error", "the server failed to handle this request; it has been logged"
-        )
+    # Added first, so it wraps the handlers above and sits inside every other middleware.
+    app.add_middleware(CatchAllMiddleware)

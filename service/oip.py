@@ -14,7 +14,6 @@ exists in the registry gets a 400 that says which version is served.
 
 from __future__ import annotations
 
-import asyncio
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -24,6 +23,7 @@ import numpy as np
 
 from registry.errors import InvalidNameError, NotFoundError
 from service.config import Settings
+from service.decoding import decode_uploads
 from service.errors import ApiError, http_status
 from service.preprocessing import PreprocessingError
 from service.protocol.errors import ProtocolError
@@ -35,9 +35,9 @@ from service.protocol.metadata import (
 )
 from service.protocol.request import InferRequest
 from service.protocol.signature import ModelSignature, seednet_signature
-from service.routes.predict import prepare_image
 from service.serving import ServingModel
 from service.state import ServiceState
+from service.uploads import Upload
 
 SERVER_NAME = "seednet"
 #: Per image, the most a JSON ``images`` tensor takes: 3072 numbers of up to 3 digits,
@@ -198,17 +198,15 @@ async def run_inference(
     """The model's outputs for a validated request, and the model that computed them.
 
     ``images`` go straight to the batcher; ``image_bytes`` are decoded first exactly as
-    ``/predict`` decodes uploads (same limits, same errors), on a worker thread.
+    ``/predict`` decodes uploads: same limits and errors, the same bounded decode pool and
+    per-request pixel budget.
     """
     if request.images is not None:
         pixels = np.ascontiguousarray(request.images, dtype=np.uint8)
     else:
         files = request.image_bytes or []
-        prepared = await asyncio.to_thread(
-            lambda: [
-                prepare_image(f, f"image_bytes[{i}]", state.limits) for i, f in enumerate(files)
-            ]
-        )
+        uploads = [Upload(f"image_bytes[{i}]", f) for i, f in enumerate(files)]
+        prepared = await decode_uploads(state.decoder, uploads, state.limits)
         pixels = np.stack([p.array for p in prepared])
     assert state.batcher is not None, "the batcher runs from start-up to shutdown"
     (probs, attention), model = await state.batcher.submit(pixels)

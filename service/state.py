@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from registry import Registry
 from service.batching import Batcher
 from service.config import Settings
+from service.decoding import DecodePool
 from service.metrics import Metrics
 from service.preprocessing import ImageLimits
 from service.serving import ServingModel, prepare
@@ -28,6 +29,7 @@ class ServiceState:
     limits: ImageLimits
     model: ServingModel | None = None
     batcher: Batcher | None = None
+    decoder: DecodePool | None = None
     swap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: float = field(default_factory=time.time)
     #: The port the gRPC server listens on (None: not started); see service.grpc_server.

@@ -1,22 +1,45 @@
-"""Reading the images of a multipart upload, within the service's limits.
+"""Reading request bodies within the service's limits, as they arrive.
 
 Only bytes here: decoding is ``service.preprocessing``'s job.
+
+The body is read straight from the ASGI receive channel with a running byte count and a
+deadline, never through Starlette's ``request.form()`` (which spools a whole upload to
+a temporary file before anyone can look at its size). Multipart bodies are fed to
+python-multipart's streaming parser chunk by chunk, so every limit is checked while
+reading and the first byte over one ends the request:
+
+- ``Content-Length`` over ``max_request_bytes``: 413 before a byte is read;
+- more bytes than that arriving (chunked, or a lying Content-Length): 413 at once;
+- a file over ``max_upload_bytes``, or one image too many: 413 at once;
+- the body not complete within ``timeout_body`` seconds (a stalled or trickling
+  client): 408.
+
+Nothing touches the disk; a request holds at most ``max_request_bytes`` in memory. An
+error sent before the whole body arrived says ``Connection: close``, so uvicorn closes
+the connection instead of reading (and discarding) the rest of a huge body.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from service.config import Settings
 from service.errors import ApiError
 from service.preprocessing import FileTooLargeError
 
-MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries allowed on top of the files
 FIELDS = ("file", "files")
+ADMIN_BODY_BYTES = 4096  # {"version": "12", "alias": "production"} is 40 bytes
+MAX_PARTS = 256  # text fields and files of other names count too
+MAX_PART_HEADER_BYTES = 8192  # all headers of one part
+CLOSE = {"Connection": "close"}
 
 
 @dataclass(frozen=True)
@@ -25,60 +48,207 @@ class Upload:
     data: bytes
 
 
-async def read_uploads(request: Request, s: Settings) -> list[Upload]:
-    """The files of fields ``file``/``files``; 413/422 ApiErrors for what breaks a limit."""
-    declared = request.headers.get("content-length")
-    body_limit = s.max_images_per_request * s.max_upload_bytes + MULTIPART_OVERHEAD
-    if declared and declared.isdigit() and int(declared) > body_limit:
+def _closing(exc: ApiError) -> ApiError:
+    return ApiError(exc.status, exc.code, exc.message, {**(exc.headers or {}), **CLOSE})
+
+
+def declared_length(request: Request) -> int | None:
+    """Content-Length as a number (None without one); 400 when it is not a number."""
+    value = request.headers.get("content-length")
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise ApiError(400, "bad_request", "Content-Length is not a number", CLOSE)
+    return int(value)
+
+
+def has_unread_body(request: Request) -> bool:
+    """Whether the client announced a body (one this service may not read)."""
+    length = request.headers.get("content-length", "0").strip()
+    return "transfer-encoding" in request.headers or length not in ("", "0")
+
+
+async def receive_body(request: Request, max_bytes: int, timeout: float) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; 413 past ``max_bytes``, 408 after ``timeout`` s."""
+    declared = declared_length(request)
+    if declared is not None and declared > max_bytes:
         raise ApiError(
             413,
             "payload_too_large",
-            f"the request body is {declared} bytes; at most {body_limit} accepted",
+            f"the request body is {declared} bytes; at most {max_bytes} accepted",
+            CLOSE,
         )
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    received = 0
+    while True:
+        try:
+            message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0))
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {timeout:g} s ({received} bytes received)",
+                CLOSE,
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if received > max_bytes:
+            raise ApiError(
+                413,
+                "payload_too_large",
+                f"the request body is over the limit of {max_bytes} bytes",
+                CLOSE,
+            )
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+@dataclass
+class _Form:
+    """python-multipart callbacks that keep the image parts within the limits."""
+
+    max_images: int
+    max_file_bytes: int
+    uploads: list[Upload] = field(default_factory=list)
+    ended: bool = False
+    parts: int = 0
+    _headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    _field: bytes = b""
+    _value: bytes = b""
+    _header_bytes: int = 0
+    _filename: str | None = None
+    _keep: bool = False
+    _chunks: list[bytes] = field(default_factory=list)
+    _size: int = 0
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.part_begin,
+            "on_header_field": self.header_field,
+            "on_header_value": self.header_value,
+            "on_header_end": self.header_end,
+            "on_headers_finished": self.headers_finished,
+            "on_part_data": self.part_data,
+            "on_part_end": self.part_end,
+            "on_end": self.end,
+        }
+
+    def part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise ApiError(413, "too_many_parts", f"at most {MAX_PARTS} multipart parts")
+        self._headers, self._header_bytes = [], 0
+        self._field = self._value = b""
+        self._filename, self._keep, self._chunks, self._size = None, False, [], 0
+
+    def _count_header(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise ApiError(
+                413, "payload_too_large", f"a part's headers exceed {MAX_PART_HEADER_BYTES} bytes"
+            )
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self._field += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
+        self._value += data[start:end]
+
+    def header_end(self) -> None:
+        self._headers.append((self._field.lower(), self._value))
+        self._field = self._value = b""
+
+    def headers_finished(self) -> None:
+        disposition = dict(self._headers).get(b"content-disposition", b"")
+        _, options = parse_options_header(disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name not in FIELDS:
+            return  # another field: counted against the body limit, not kept
+        raw_filename = options.get(b"filename")
+        if raw_filename is None:
+            raise ApiError(
+                422, "invalid_request", "'file' and 'files' must be file uploads, not text fields"
+            )
+        if len(self.uploads) >= self.max_images:
+            raise ApiError(413, "too_many_images", f"at most {self.max_images} images per request")
+        self._filename = raw_filename.decode("utf-8", "replace")
+        self._keep = True
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._keep:
+            return
+        self._size += end - start
+        if self._size > self.max_file_bytes:
+            raise FileTooLargeError(
+                f"{self._filename or 'the file'} is larger than the limit of "
+                f"{self.max_file_bytes} bytes"
+            )
+        self._chunks.append(data[start:end])
+
+    def part_end(self) -> None:
+        if self._keep:
+            self.uploads.append(Upload(self._filename, b"".join(self._chunks)))
+            self._keep, self._chunks = False, []
+
+    def end(self) -> None:
+        self.ended = True
+
+
+async def read_uploads(request: Request, s: Settings) -> list[Upload]:
+    """The files of fields ``file``/``files``; 408/413/422 ApiErrors for what breaks a limit."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
         raise ApiError(
             422,
             "invalid_request",
             "send the images as multipart/form-data in a field 'file' or 'files'",
+            CLOSE if has_unread_body(request) else None,
         )
-    try:
-        form = await request.form(max_files=s.max_images_per_request, max_fields=100)
-    except StarletteHTTPException as exc:
-        detail = str(exc.detail)
-        if "Too many files" in detail:
-            raise ApiError(
-                413, "too_many_images", f"at most {s.max_images_per_request} images per request"
-            ) from None
+    boundary = options.get(b"boundary")
+    if not boundary:
         raise ApiError(
-            422, "invalid_multipart", f"the multipart body is malformed: {detail}"
-        ) from None
-    try:
-        files = [v for key in FIELDS for v in form.getlist(key)]
-        if any(not isinstance(f, UploadFile) for f in files):
-            raise ApiError(
-                422, "invalid_request", "'file' and 'files' must be file uploads, not text fields"
-            )
-        if not files:
-            raise ApiError(
-                422,
-                "missing_file",
-                "no image found: send it in a multipart field named 'file' (or several in 'files')",
-            )
-        if len(files) > s.max_images_per_request:
-            raise ApiError(
-                413,
-                "too_many_images",
-                f"{len(files)} images sent; at most {s.max_images_per_request} per request",
-            )
-        return [Upload(f.filename, await _read_limited(f, s.max_upload_bytes)) for f in files]
-    finally:
-        await form.close()
-
-
-async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    data = await upload.read(limit + 1)
-    if len(data) > limit:
-        raise FileTooLargeError(
-            f"{upload.filename or 'the file'} is larger than the limit of {limit} bytes"
+            422, "invalid_multipart", "the multipart Content-Type has no boundary", CLOSE
         )
-    return data
+    form = _Form(max_images=s.max_images_per_request, max_file_bytes=s.max_upload_bytes)
+    parser = MultipartParser(boundary, form.callbacks())
+    try:
+        async for chunk in receive_body(request, s.max_request_bytes, s.timeout_body):
+            parser.write(chunk)
+        parser.finalize()
+    except FileTooLargeError as exc:  # mid-body: say so, and close
+        raise ApiError(413, exc.code, exc.message, CLOSE) from None
+    except MultipartParseError as exc:
+        raise ApiError(
+            422, "invalid_multipart", f"the multipart body is malformed: {exc}", CLOSE
+        ) from None
+    except ApiError as exc:
+        raise _closing(exc) from None
+    if not form.ended:
+        raise ApiError(
+            422, "invalid_multipart", "the multipart body ends before its closing boundary"
+        )
+    if not form.uploads:
+        raise ApiError(
+            422,
+            "missing_file",
+            "no image found: send it in a multipart field named 'file' (or several in 'files')",
+        )
+    return form.uploads
+
+
+async def read_admin_json(request: Request, s: Settings) -> object:
+    """A small JSON body (at most :data:`ADMIN_BODY_BYTES`) of an admin route."""
+    body = b"".join(
+        [chunk async for chunk in receive_body(request, ADMIN_BODY_BYTES, s.timeout_body)]
+    )
+    try:
+        return json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(422, "invalid_request", f"the body is not valid JSON: {exc}") from None

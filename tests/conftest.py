@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,18 +130,52 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+@contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Make ``path`` (a folder) really read-only for this process, then writable again.
+
+    Not root: remove the write bits. Root ignores those, so a read-only bind mount of the
+    folder onto itself (needs CAP_SYS_ADMIN); the test is skipped where neither works.
+    """
+    if os.geteuid() != 0:
+        folders = [path, *(p for p in path.rglob("*") if p.is_dir())]
+        modes = {p: p.stat().st_mode for p in folders}
+        for p in folders:
+            p.chmod(modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        try:
+            yield
+        finally:
+            for p in folders:
+                p.chmod(modes[p])
+        return
+    mount = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot make a folder read-only as root here: {mount.stderr.decode()}")
+    try:
+        remount = subprocess.run(
+            ["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, check=False
+        )
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only: {remount.stderr.decode()}")
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 class LiveServer:
     """uvicorn serving ``create_app(settings)`` on 127.0.0.1 in a background thread."""
 
     def __init__(self, **overrides) -> None:
         from service.app import create_app
         from service.config import Settings
+        from service.server import uvicorn_config
 
         self.sock = bound_socket()
         self.port = self.sock.getsockname()[1]
         self.settings = Settings(host="127.0.0.1", port=self.port, **overrides)
         self.app = create_app(self.settings)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        # The service's own uvicorn settings (timeouts, header deadline), quieter logs.
+        config = uvicorn_config(self.app, self.settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

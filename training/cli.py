@@ -7,7 +7,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from registry import RegistryError
+from registry import ModelVersion, RegistryError
 from seednet.model import ARCHITECTURES
 from training.data import default_source
 from training.recipes import RECIPES
@@ -91,7 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not build the derived TorchScript/ONNX exports now",
     )
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="publish a new version even if one already holds these weights",
+    )
     return parser
+
+
+def _published(mv: ModelVersion, root: object) -> str:
+    if mv.existing:
+        return (
+            f"already published as {mv.name}@{mv.version} in {root} (same weights sha256); "
+            "nothing new was written (--force publishes it again)"
+        )
+    return f"published {mv.name}@{mv.version} to {root}"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -125,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
         from training.publish import publish_run
 
         mv = publish_run(Path(args.out), args.register, Path(args.root))
-        print(f"published {mv.name}@{mv.version} to {args.root}")
+        print(_published(mv, args.root))
     return 0
 
 
@@ -167,9 +181,14 @@ def _register(args: argparse.Namespace) -> int:
     from training.publish import publish_run
 
     mv = publish_run(
-        args.run_dir, args.name, Path(args.root), alias=args.alias, exports=not args.no_exports
+        args.run_dir,
+        args.name,
+        Path(args.root),
+        alias=args.alias,
+        exports=not args.no_exports,
+        force=args.force,
     )
-    print(f"published {mv.name}@{mv.version} to {args.root}")
+    print(_published(mv, args.root))
     return 0
 
 

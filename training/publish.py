@@ -71,11 +71,13 @@ def publish_run(
     alias: str | None = None,
     exports: bool = True,
     parent: str | None = None,
+    force: bool = False,
 ) -> ModelVersion:
     """Copy a run's weights and reports into ``root`` as ``name@<next version>``.
 
     A golden set (64 real test images and the eager outputs) goes with the weights so
-    any machine can prove that derived exports compute the same thing.
+    any machine can prove that derived exports compute the same thing. A run whose
+    weights are already published returns that version (``existing``) unless ``force``.
     """
     registry = Registry(root)
     spec = version_spec(run_dir)
@@ -87,8 +89,8 @@ def publish_run(
         golden = Path(tmp) / GOLDEN_FILE
         save_file(golden_set(run_graph(run_dir), images), str(golden))
         files[GOLDEN_FILE] = golden
-        mv = registry.publish(name, files, spec, parent=parent)
-    if exports:
+        mv = registry.publish(name, files, spec, parent=parent, force=force)
+    if exports and not (mv.existing and registry.derived(mv).get("files")):
         materialize(registry, mv)
     if alias:
         registry.set_alias(name, alias, mv.version)

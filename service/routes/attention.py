@@ -22,7 +22,6 @@ async def attention_page(request: Request, state: State) -> HTMLResponse:
         {
             "model": model.info if model is not None else {},
             "classes": model.class_names if model is not None else [],
-            "static_url": str(request.url_for("static", path="")).rstrip("/"),
             "max_upload_bytes": state.settings.max_upload_bytes,
         },
     )

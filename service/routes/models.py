@@ -1,17 +1,24 @@
 """GET /models, and the admin routes that reload or promote the serving model.
 
 Registry and load errors are not caught here: ``service.errors`` maps them (404 unknown
-version, 409 conflict / integrity / cannot load, 422 invalid name).
+version, 409 conflict / integrity / cannot load, 422 invalid name, 503 a registry that
+needs repair or cannot be written).
+
+Admin routes take no body parameter: FastAPI would read (and buffer) a body before the
+token dependency runs. The token is checked first, then the route reads at most a few
+KiB itself.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
-from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from service.deps import Admin, RegistryDep, State
+from service.uploads import ADMIN_BODY_BYTES, read_admin_json
 
 router = APIRouter(tags=["models"])
 
@@ -53,6 +60,15 @@ class PromoteRequest(BaseModel):
     alias: str = Field("production", examples=["production"])
 
 
+PROMOTE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"at most {ADMIN_BODY_BYTES} bytes",
+        "content": {"application/json": {"schema": PromoteRequest.model_json_schema()}},
+    }
+}
+
+
 @router.post(
     "/models/reload",
     dependencies=[Admin],
@@ -67,9 +83,14 @@ async def reload_model(state: State) -> dict:
     "/models/{name}/promote",
     dependencies=[Admin],
     summary="Point an alias at a version; swaps the serving model if it is served",
+    openapi_extra=PROMOTE_BODY,
 )
-async def promote(name: str, body: PromoteRequest, state: State, registry: RegistryDep) -> dict:
+async def promote(name: str, request: Request, state: State, registry: RegistryDep) -> dict:
     s = state.settings
+    try:
+        body = PromoteRequest.model_validate(await read_admin_json(request, s))
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
     registry.resolve(name, body.version)  # 404 before anything changes
     move_alias = partial(registry.set_alias, name, body.alias, body.version)
     if name == s.model_name and body.alias == s.model_ref:

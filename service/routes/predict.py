@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from typing import Annotated
@@ -12,8 +11,9 @@ from fastapi import APIRouter, Query, Request
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from service.decoding import decode_uploads
 from service.deps import ModelDep, State
-from service.preprocessing import ImageLimits, PreparedImage, PreprocessingError, preprocess
+from service.preprocessing import PreparedImage
 from service.serving import ServingModel
 from service.uploads import Upload, read_uploads
 
@@ -116,10 +116,8 @@ async def predict(
     ] = False,
 ) -> PredictResponse:
     uploads = await read_uploads(request, state.settings)
-    # Decoding is CPU work: do it off the event loop.
-    prepared = await asyncio.to_thread(
-        lambda: [prepare_image(u.data, u.filename, state.limits) for u in uploads]
-    )
+    # CPU work on the bounded decode pool, within the request's pixel budget.
+    prepared = await decode_uploads(state.decoder, uploads, state.limits)
     (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
     return build_response(model, uploads, prepared, probs, attention, top_k, include_input)
 
@@ -157,13 +155,3 @@ def build_response(
             )
         )
     return PredictResponse(model=ModelRef(**model.info), predictions=predictions)
-
-
-def prepare_image(data: bytes, name: str | None, limits: ImageLimits) -> PreparedImage:
-    """``preprocess`` with the file's name in the error (CPU work: call it off the loop)."""
-    try:
-        return preprocess(data, limits)
-    except PreprocessingError as exc:
-        if name:  # name the file, so a person sending several knows which one to fix
-            raise type(exc)(f"{name}: {exc.message}") from None
-        raise

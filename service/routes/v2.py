@@ -45,6 +45,7 @@ from service.protocol.rest import (
     parse_header_length,
     parse_rest_request,
 )
+from service.uploads import receive_body
 
 log = logging.getLogger("seednet.v2")
 
@@ -161,7 +162,7 @@ async def model_config(name: str, version: Version, state: State) -> dict:
 async def infer(name: str, version: Version, request: Request, state: State) -> Response:
     settings = state.settings
     served_model(state, name, version)  # 404/400/503 before reading the body
-    body = await read_body(request, max_request_bytes(settings))
+    body = await read_body(request, max_request_bytes(settings), settings.timeout_body)
     length = parse_header_length(request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH))
     parse = partial(
         parse_rest_request, body, length, max_batch_size=settings.max_images_per_request
@@ -200,22 +201,14 @@ async def no_such_route(request: Request) -> Response:
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, at most ``limit`` bytes (after decompression): else 413."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, at most ``limit`` bytes (also after decompression): else 413,
+    read as it arrives (``service.uploads.receive_body``: 408 after ``timeout`` s)."""
     too_large = f"the request body is over the limit of {limit} bytes"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise OipError(413, too_large)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", *_DECODERS):
         raise OipError(400, f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise OipError(413, too_large)
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    body = b"".join([chunk async for chunk in receive_body(request, limit, timeout)])
     if encoding == "identity":
         return body
     decoder = zlib.decompressobj(_DECODERS[encoding])

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,11 @@ from registry import (
     ConflictError,
     IntegrityError,
     InvalidNameError,
+    MetadataError,
     ModelVersion,
     NotFoundError,
     Registry,
+    StorageError,
     VersionSpec,
 )
 from registry.manifest import FileEntry, Metrics, ModelInfo, Normalization
@@ -40,8 +41,10 @@ def _spec(acc: float | None = None) -> VersionSpec:
 
 
 def _publish(reg: Registry, name: str = "seednet", acc: float = 0.9, **kw) -> ModelVersion:
+    # The same bytes every time: force=True publishes them as a new version regardless
+    # (without it, publish returns the version that already holds these weights).
     files = {"weights.safetensors": WEIGHTS, "summary.json": b'{"ok": true}'}
-    return reg.publish(name, files, _spec(acc), **kw)
+    return reg.publish(name, files, _spec(acc), **{"force": True, **kw})
 
 
 def _flip_byte(path: Path, offset: int = 3) -> None:
@@ -222,7 +225,7 @@ def test_failed_rename_leaves_nothing_visible(
         raise OSError("disk on fire")
 
     monkeypatch.setattr(os, "rename", boom)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(StorageError, match="disk on fire"):
         _publish(reg)
     monkeypatch.undo()
     assert [mv.version for mv in reg.versions("seednet")] == ["1"]
@@ -243,21 +246,24 @@ def test_hard_crash_mid_publish_is_invisible_and_cleaned_up(tmp_path: Path) -> N
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60)
     assert proc.returncode == 3
-    leftovers = list((tmp_path / "seednet").glob(".tmp-*"))
-    assert len(leftovers) == 1 and (leftovers[0] / "w.bin").exists()
+    # its folder and the owner file it held locked
+    leftovers = sorted((tmp_path / "seednet").glob(".tmp-*"))
+    assert [p.suffix for p in leftovers] == ["", ".owner"]
+    assert (leftovers[0] / "w.bin").exists()
 
     reg = Registry(tmp_path)
     assert reg.names() == []
     with pytest.raises(NotFoundError):
         reg.versions("seednet")
-    # A fresh leftover may belong to a publish still in progress: kept. An old one: removed.
+    # Its owner is dead (the kernel dropped its lock): verify says so, the next publish
+    # removes it at once, whatever its age.
+    _, warnings = reg.check_model("seednet")
+    assert len(warnings) == 1 and "stray temporary folder" in warnings[0]
+    assert str(tmp_path) not in warnings[0]
     assert _publish(reg).version == "1"
-    assert leftovers[0].exists()
-    old = time.time() - 2 * 3600
-    os.utime(leftovers[0], (old, old))
-    assert _publish(reg).version == "2"
-    assert not leftovers[0].exists()
-    assert reg.verify_all() == {"seednet@1": [], "seednet@2": []}
+    assert not any(p.exists() for p in leftovers)
+    assert reg.verify_all() == {"seednet@1": []}
+    assert reg.check_model("seednet") == ([], [])
 
 
 # ---------------------------------------------------------------- integrity and derived files
@@ -383,3 +389,224 @@ def test_cli_errors(tmp_path: Path) -> None:
     assert out.returncode == 1 and out.stderr.startswith("error: ")
     assert _cli(tmp_path, "frobnicate").returncode == 2
     assert _cli(tmp_path / "empty", "list").stdout.startswith("no models")
+
+
+# ---------------------------------------------------------------- hardening (issue 15)
+
+
+def test_the_manifest_is_covered_by_its_digest(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    mv = _publish(reg)
+    manifest = mv.path / "manifest.json"
+    digest = (mv.path / "manifest.sha256").read_text()
+    assert digest == f"{hashlib.sha256(manifest.read_bytes()).hexdigest()}  manifest.json\n"
+    assert reg.verify(mv) == [] and reg.warnings(mv) == []
+
+    # One byte of a class name: "a" -> "c". Still a valid manifest, no longer the published one.
+    manifest.write_bytes(manifest.read_bytes().replace(b'"a"', b'"c"', 1))
+    with pytest.raises(IntegrityError, match="changed after publication"):
+        reg.get("seednet@1")
+    [listed] = reg.versions("seednet")
+    assert listed.problem and "changed after publication" in listed.problem
+    assert any("manifest.json" in p for p in reg.verify("seednet@1"))
+    out = _cli(tmp_path, "verify")
+    assert out.returncode == 1 and "FAIL seednet@1: manifest.json" in out.stdout
+
+
+def test_seal_adds_the_digest_to_a_legacy_version_without_touching_it(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    mv = _publish(reg)
+    (mv.path / "manifest.sha256").unlink()  # as published before digests existed
+    before = (mv.path / "manifest.json").read_bytes()
+    legacy = reg.get("seednet@1")
+    assert not legacy.sealed and reg.verify(legacy) == []
+    out = _cli(tmp_path, "verify")
+    assert out.returncode == 0, out.stdout  # a warning, not a failure
+    assert "WARN seednet@1: manifest.sha256: missing" in out.stdout
+
+    _flip_byte(mv.path / "summary.json", 0)
+    out = _cli(tmp_path, "seal")
+    assert out.returncode == 1 and "not sealed" in out.stderr  # a bad version is not blessed
+    _flip_byte(mv.path / "summary.json", 0)
+
+    out = _cli(tmp_path, "seal", "seednet@1")
+    assert out.returncode == 0 and "sealed seednet@1" in out.stdout
+    assert (mv.path / "manifest.json").read_bytes() == before
+    assert reg.get("seednet@1").sealed and reg.warnings(mv) == []
+    assert "already sealed" in _cli(tmp_path, "seal").stdout
+
+
+def test_the_committed_models_verify_clean_and_are_unchanged() -> None:
+    out = _cli(REPO / "models", "verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "FAIL" not in out.stdout and "WARN" not in out.stdout, out.stdout
+    # Never rewritten (sealing added manifest.sha256 beside them): the committed bytes.
+    changed = subprocess.run(
+        ["git", "diff", "--name-only", "HEAD", "--"]
+        + ["models/*/*/manifest.json", "models/*/*/*.safetensors"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert changed.returncode != 0 or changed.stdout == "", changed.stdout
+
+
+def test_republishing_the_same_weights_returns_the_existing_version(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    files = {"weights.safetensors": WEIGHTS, "summary.json": b"{}"}
+    first = reg.publish("seednet", files, _spec())
+    again = reg.publish("seednet", {**files, "summary.json": b'{"retry": 1}'}, _spec())
+    assert (again.version, again.existing, first.existing) == ("1", True, False)
+    assert [mv.version for mv in reg.versions("seednet")] == ["1"]
+    assert not list((tmp_path / "seednet").glob(".tmp-*"))  # the retry's copy is gone
+    forced = reg.publish("seednet", files, _spec(), force=True)
+    assert (forced.version, forced.existing) == ("2", False)
+    other = reg.publish("seednet", {"weights.safetensors": b"other"}, _spec())
+    assert (other.version, other.existing) == ("3", False)
+
+    # Concurrent retries of one run (e.g. a publisher killed after the rename, then
+    # retried while the first retry still runs): one version between them.
+    reg2 = Registry(tmp_path / "r2")
+    results: list[ModelVersion] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(reg2.publish("m", files, _spec())))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {mv.version for mv in results} == {"1"} and sum(not mv.existing for mv in results) == 1
+
+
+def test_a_live_publisher_is_never_cleaned_up(tmp_path: Path) -> None:
+    """A publisher still copying (its owner lock held) survives another publish's cleanup."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from registry import Registry
+        from tests.registry.test_registry import _spec
+
+        def slow():
+            yield b"x" * 1000
+            print("copying", flush=True)
+            time.sleep(3)
+            yield b"y"
+
+        import registry.files as f
+        f._iter_source = lambda src: slow()
+        mv = Registry({str(tmp_path)!r}).publish("seednet", {{"w.bin": b"ignored"}}, _spec())
+        print("published", mv.version, flush=True)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "copying"
+    reg = Registry(tmp_path)
+    _, warnings = reg.check_model("seednet")
+    assert any("in use by a running writer" in w for w in warnings)
+    assert reg.publish("seednet", {"weights.safetensors": b"w"}, _spec()).version == "1"
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "published 2"
+    assert reg.verify_all() == {"seednet@1": [], "seednet@2": []}
+
+
+BAD_ALIASES = {
+    "truncated": b'{"aliases": {"production": "1"}, "hist',
+    "garbage": b"\x00\xff garbage",
+    "a list": b'["production", "1"]',
+    "aliases a list": b'{"aliases": [["production", "1"]], "history": {}}',
+    "target an object": b'{"aliases": {"production": {"v": 1}}, "history": {}}',
+    "history a number": b'{"aliases": {"production": "1"}, "history": {"production": 5}}',
+    "bad alias name": b'{"aliases": {"../x": "1"}, "history": {}}',
+    "numeric alias": b'{"aliases": {"7": "1"}, "history": {}}',
+}
+
+
+@pytest.mark.parametrize("content", BAD_ALIASES.values(), ids=BAD_ALIASES.keys())
+def test_a_corrupt_alias_file_is_diagnosed_and_repaired(tmp_path: Path, content: bytes) -> None:
+    reg = Registry(tmp_path)
+    _publish(reg)
+    _publish(reg)
+    reg.set_alias("seednet", "production", "1")
+    reg.set_alias("seednet", "production", "2")
+    reg.set_alias("seednet", "staging", "1")
+    good = (tmp_path / "seednet" / "aliases.json").read_bytes()
+    (tmp_path / "seednet" / "aliases.json").write_bytes(content)
+
+    with pytest.raises(MetadataError) as info:
+        reg.resolve("seednet", "production")
+    message = str(info.value)
+    assert "seednet/aliases.json" in message and "repair seednet" in message
+    assert str(tmp_path) not in message
+    assert reg.get("seednet@1").version == "1"  # versions by number still resolve
+
+    out = _cli(tmp_path, "list")  # still lists, says what is wrong
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "aliases.json" in out.stderr
+    out = _cli(tmp_path, "verify")
+    assert out.returncode == 1 and "FAIL seednet: seednet/aliases.json" in out.stdout
+    assert "Traceback" not in out.stderr
+    out = _cli(tmp_path, "promote", "seednet", "1")  # refused, one line, nothing written
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "repair" in out.stderr
+
+    out = _cli(tmp_path, "repair", "seednet")
+    assert out.returncode == 0, out.stderr
+    assert "from aliases.log" in out.stdout and "production -> 2" in out.stdout
+    assert json.loads((tmp_path / "seednet" / "aliases.json").read_bytes()) == json.loads(good)
+    assert (tmp_path / "seednet" / "aliases.json.corrupt").read_bytes() == content
+    assert reg.aliases("seednet") == {"production": "2", "staging": "1"}
+    assert reg.rollback("seednet") == "1"  # the history came back too
+    assert _cli(tmp_path, "verify").returncode == 0
+    assert "nothing to repair" in _cli(tmp_path, "repair", "seednet").stdout
+
+
+def test_repair_without_a_usable_log_needs_an_explicit_reset(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    _publish(reg)
+    reg.set_alias("seednet", "production", "1")
+    (tmp_path / "seednet" / "aliases.log").write_text('{"aliases": {"production": "9"}}\n{"tor')
+    (tmp_path / "seednet" / "aliases.json").write_text("{")
+    out = _cli(tmp_path, "repair", "seednet")
+    assert out.returncode == 1 and "--reset" in out.stderr
+    out = _cli(tmp_path, "repair", "seednet", "--reset")
+    assert out.returncode == 0 and "reset: no aliases" in out.stdout
+    assert reg.aliases("seednet") == {}
+    reg.set_alias("seednet", "production", "1")
+
+    (tmp_path / "seednet" / "deleted.json").write_text('{"deleted": "x"}')
+    assert any("deleted.json" in p for p in reg.check_model("seednet")[0])
+    with pytest.raises(MetadataError, match="deleted.json"):
+        _publish(reg)  # a number could be reused: refused until repaired
+    # The numbers it held are unknown: every gap below the highest number ever seen
+    # (aliases.log names 9) counts as deleted.
+    out = _cli(tmp_path, "repair", "seednet")
+    assert "deleted.json rebuilt: 2, 3, 4, 5, 6, 7, 8, 9" in out.stdout
+    assert _publish(reg).version == "10"
+
+
+def test_a_read_only_registry_fails_cleanly_and_changes_nothing(tmp_path: Path) -> None:
+    from tests.conftest import read_only
+
+    root = tmp_path / "models"
+    reg = Registry(root)
+    _publish(reg)
+    _publish(reg)
+    reg.set_alias("seednet", "production", "1")
+    with read_only(root):
+        for action in (
+            lambda: reg.set_alias("seednet", "production", "2"),
+            lambda: reg.rollback("seednet"),
+            lambda: reg.delete("seednet", "2"),
+            lambda: _publish(reg),
+            lambda: reg.add_derived(reg.get("seednet@1"), {"model.ts": b"x"}, {}),
+        ):
+            with pytest.raises((StorageError, ConflictError)) as info:
+                action()
+            assert str(root) not in str(info.value) and str(tmp_path) not in str(info.value)
+        with pytest.raises(StorageError, match="cannot write") as info:
+            reg.set_alias("seednet", "production", "2")
+        assert "Read-only file system" in str(info.value) or "Permission denied" in str(info.value)
+        assert reg.aliases("seednet") == {"production": "1"}  # reads still work
+    assert reg.aliases("seednet") == {"production": "1"}
+    assert [mv.version for mv in reg.versions("seednet")] == ["1", "2"]

@@ -77,6 +77,15 @@ def test_attention_page(browser, live_server: str, cifar_dir: Path, tmp_path: Pa
     page_errors: list[str] = []
     foreign_requests: list[str] = []
     page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    # The page is served with a self-only Content-Security-Policy: anything it blocks
+    # (an inline script, a foreign URL, an inline style) is reported on the console.
+    csp_violations: list[str] = []
+    page.on(
+        "console",
+        lambda msg: (
+            csp_violations.append(msg.text) if "Content Security Policy" in msg.text else None
+        ),
+    )
 
     def record_request(req) -> None:
         if not req.url.startswith((base, "data:", "blob:")):
@@ -84,7 +93,10 @@ def test_attention_page(browser, live_server: str, cifar_dir: Path, tmp_path: Pa
 
     page.on("request", record_request)
     try:
-        page.goto(f"{base}/attention")
+        response = page.goto(f"{base}/attention")
+        assert response is not None and "default-src 'self'" in response.headers.get(
+            "content-security-policy", ""
+        )
         expect(page.locator("#model-name")).to_have_text(str(api["model"]["name"]))
         expect(page.locator("#model-version")).to_have_text(str(api["model"]["version"]))
         expect(page.locator("#error")).to_be_hidden()
@@ -196,5 +208,6 @@ def test_attention_page(browser, live_server: str, cifar_dir: Path, tmp_path: Pa
 
         assert page_errors == [], page_errors
         assert foreign_requests == [], f"the page fetched from elsewhere: {foreign_requests}"
+        assert csp_violations == [], csp_violations
     finally:
         page.close()

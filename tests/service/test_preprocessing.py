@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from service.errors import http_status
 from service.preprocessing import (
@@ -23,6 +23,8 @@ from service.preprocessing import (
     TooManyPixelsError,
     UnsupportedImageError,
     decode_image,
+    decode_opened,
+    open_image,
     preprocess,
     to_model_input,
     to_rgb,
@@ -93,7 +95,8 @@ def test_error_classes_carry_status_and_code(
 
 def test_limits_are_frozen_and_validated() -> None:
     assert LIMITS.max_bytes == 10 * 1024 * 1024
-    assert LIMITS.max_pixels == 40_000_000
+    assert LIMITS.max_pixels == 4096 * 4096  # see ImageLimits: why this number
+    assert LIMITS.max_request_pixels == 2 * 4096 * 4096
     with pytest.raises(dataclasses.FrozenInstanceError):
         LIMITS.max_bytes = 1  # type: ignore[misc]
     with pytest.raises(ValueError):
@@ -132,7 +135,7 @@ def test_png_bomb_header_is_refused_without_decoding(no_decoding: None) -> None:
 
 
 def test_pixel_limit_is_our_own_below_pillows_global_guard(no_decoding: None) -> None:
-    # 8000 x 6000 = 48M pixels: over our 40M default, under Pillow's global 89M guard.
+    # 8000 x 6000 = 48M pixels: over our 16.8M default, under Pillow's global 89M guard.
     data = make.png_bomb_header(8000, 6000)
     err = expect_error(data, TooManyPixelsError)
     assert "8000x6000" in err.message
@@ -338,3 +341,69 @@ def test_cifar_jpegs_pass_through_unchanged(label: str, cifar_dir: Path) -> None
     prepared = preprocess(path.read_bytes(), LIMITS)
     assert prepared.original_size == (32, 32)
     np.testing.assert_array_equal(prepared.array, expected)
+
+
+# --- decoding less: JPEG draft mode and integer reduce ----------------------------------------
+
+
+def _photo_like(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """Smooth colour regions plus pixel noise: closer to a photo than flat noise."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.integers(0, 256, (h // 40 + 2, w // 40 + 2, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC))
+    noisy = smooth.astype(np.int16) + rng.integers(-20, 21, (h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _full_decode_then_resize(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    return np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "fmt, size, decoded",
+    [
+        ("JPEG", (256, 256), (128, 128)),  # draft 1/2
+        ("JPEG", (1000, 700), (250, 175)),  # 1/4: 700 is not divisible by 8
+        ("JPEG", (1920, 1080), (240, 135)),  # 1/8
+        ("JPEG", (4032, 3024), (504, 378)),  # a 12 MP phone photo
+        ("JPEG", (1001, 701), (1001, 701)),  # no exact scale: decoded in full
+        ("PNG", (1000, 700), (1000, 700)),  # reduce after decoding (no draft for PNG)
+        ("PNG", (1920, 1080), (1920, 1080)),  # reduce by 4
+    ],
+)
+def test_draft_and_reduce_stay_close_to_a_full_decode(fmt, size, decoded) -> None:
+    buf = io.BytesIO()
+    _photo_like(size).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    opened = open_image(buf.getvalue(), LIMITS)
+    assert opened.source.size == decoded and opened.decode_pixels == decoded[0] * decoded[1]
+    prepared = decode_opened(opened)
+    assert prepared.original_size == size  # the upload's size, not the decoded one
+    diff = np.abs(prepared.array.astype(int) - _full_decode_then_resize(buf.getvalue()))
+    assert diff.max() <= 3 and diff.mean() <= 0.35, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("maker", [make.jpeg, make.noise_jpeg, make.noise_png, make.png])
+def test_small_images_decode_exactly_as_before(maker) -> None:
+    data = maker()
+    opened = open_image(data, LIMITS)
+    assert opened.source.size == Image.open(io.BytesIO(data)).size  # no draft
+    np.testing.assert_array_equal(decode_opened(opened).array, _full_decode_then_resize(data))
+
+
+def test_draft_keeps_exif_orientation_and_the_displayed_size() -> None:
+    image = _photo_like((1024, 512))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90, exif=exif)
+    opened = open_image(buf.getvalue(), LIMITS)
+    assert opened.source.size == (256, 128)  # drafted at 1/4
+    prepared = decode_opened(opened)
+    assert prepared.original_size == (512, 1024)
+    full = Image.open(io.BytesIO(buf.getvalue()))
+    upright = np.asarray(
+        ImageOps.exif_transpose(full).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+    ).transpose(2, 0, 1)
+    assert np.abs(prepared.array.astype(int) - upright).max() <= 3
