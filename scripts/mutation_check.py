@@ -111,12 +111,12 @@ MUTANTS = [
         ("tests/service/test_preprocessing.py",),
     ),
     Mutant(
-        "byte-limit-off-by-one",
-        "the reader stops at max_upload_bytes, so a longer file is cut, not refused",
+        "image-count-off-by-one",
+        "one image more than SEEDNET_MAX_IMAGES_PER_REQUEST is accepted",
         "service/uploads.py",
-        "    data = await upload.read(limit + 1)",
-        "    data = await upload.read(limit)",
-        ("tests/service/test_service.py::test_the_per_file_byte_limit_is_exact_over_http",),
+        "        if len(self.uploads) >= self.max_images:",
+        "        if len(self.uploads) > self.max_images:",
+        ("tests/service/test_service.py::test_too_many_images_is_413",),
     ),
     Mutant(
         "crop-returns-input",

@@ -33,7 +33,7 @@ def main() -> None:
             "service.app:app_from_environment",
             factory=True,
             workers=settings.workers,
-            **uvicorn_options(settings),
+            **uvicorn_options(settings, workers=True),
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

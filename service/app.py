@@ -123,7 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def app_from_environment() -> FastAPI:
     """What each worker process runs (``uvicorn --factory``): settings from SEEDNET_*."""
     from service.logging_setup import configure_logging
+    from service.server import worker_protocol_class
 
     settings = Settings()
     configure_logging(settings)
+    worker_protocol_class(settings)  # this process's header deadline
     return create_app(settings)

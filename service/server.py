@@ -164,14 +164,24 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: object) -> uvi
     return uvicorn.Config(app, **{**uvicorn_options(settings), **overrides})
 
 
-def uvicorn_options(settings: Settings) -> dict[str, object]:
-    """The one place uvicorn's settings come from (also for worker processes)."""
+def worker_protocol_class(settings: Settings) -> type:
+    """For worker processes: the module-level class itself (a class made per Settings
+    cannot be pickled into a spawned worker), its deadlines set from ``settings``. Each
+    worker calls this too (``service.app.app_from_environment``), so it holds there."""
+    base = _H11Deadline if HttpToolsProtocol is None else _HttpToolsDeadline
+    base.header_timeout = settings.timeout_headers
+    base.max_head_bytes = settings.h11_max_incomplete_event_size
+    return base
+
+
+def uvicorn_options(settings: Settings, workers: bool = False) -> dict[str, object]:
+    """The one place uvicorn's settings come from (``workers``: for worker processes)."""
     return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
-        "http": protocol_class(settings),
+        "http": worker_protocol_class(settings) if workers else protocol_class(settings),
         "timeout_keep_alive": settings.timeout_keep_alive,
         "timeout_graceful_shutdown": settings.timeout_graceful_shutdown,
         "h11_max_incomplete_event_size": settings.h11_max_incomplete_event_size,

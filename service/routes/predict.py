@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
@@ -114,12 +115,22 @@ async def predict(
     include_input: Annotated[
         bool, Query(description="return the 32x32 model input as PNG")
     ] = False,
-) -> PredictResponse:
+) -> Response:
+    stage = state.metrics.observe_stage  # where the time goes (queue_wait, model: batcher)
+    t0 = time.perf_counter()
     uploads = await read_uploads(request, state.settings)
+    t1 = time.perf_counter()
+    stage("read_body", t1 - t0)
     # CPU work on the bounded decode pool, within the request's pixel budget.
     prepared = await decode_uploads(state.decoder, uploads, state.limits)
+    stage("decode", time.perf_counter() - t1)
     (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
-    return build_response(model, uploads, prepared, probs, attention, top_k, include_input)
+    t2 = time.perf_counter()
+    body = build_response(model, uploads, prepared, probs, attention, top_k, include_input)
+    # Built from validated parts already: send the JSON as it is (no second validation).
+    response = Response(body.model_dump_json().encode(), media_type="application/json")
+    stage("serialise", time.perf_counter() - t2)
+    return response
 
 
 def build_response(

@@ -608,8 +608,8 @@ def test_a_killed_publisher_leaves_debris_the_next_publish_removes(
     debris = sorted((root / "tiny").glob(".tmp-*"))
     assert debris and Registry(root).check_model("tiny")[1]  # verify warns
 
-    mv = publish_run(tiny_run, "tiny", root)  # the same run as tiny@1 and tiny@2
-    assert mv.existing and mv.version == "2"
+    mv = publish_run(tiny_run, "tiny", root)  # the same run as tiny@1
+    assert mv.existing and mv.version == "1"
     assert not any(p.exists() for p in debris)  # removed under the lock, at once
     assert [v.version for v in Registry(root).versions("tiny")] == ["1", "2"]
     out = subprocess.run(
@@ -620,7 +620,7 @@ def test_a_killed_publisher_leaves_debris_the_next_publish_removes(
         text=True,
         timeout=600,
     )
-    assert out.returncode == 0 and "already published as tiny@2" in out.stdout, out.stderr
+    assert out.returncode == 0 and "already published as tiny@1" in out.stdout, out.stderr
     assert Registry(root).check_model("tiny") == ([], [])
 
 

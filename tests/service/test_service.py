@@ -594,3 +594,20 @@ def test_serve_bench_runs_against_the_service(server, cifar_dir):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line for line in r.stdout.splitlines() if line.split()[:1] in (["single"], ["multi"])]
     assert len(rows) == 2 and all(line.split()[4] == "0" for line in rows)  # no errors
+
+
+def test_every_stage_of_a_request_is_timed(server):
+    """read_body, decode, queue_wait, model, serialise: where a deployment spends time."""
+    stages = ("read_body", "decode", "queue_wait", "model", "serialise")
+
+    def counts() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {
+            s: metric_value(text, f'seednet_stage_seconds_count{{stage="{s}"}}') for s in stages
+        }
+
+    before = counts()
+    r = post_file(server.url, make.jpeg())
+    after = counts()
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert {s: after[s] - before[s] for s in stages} == dict.fromkeys(stages, 1.0)
