@@ -81,6 +81,9 @@ class TrainSettings:
     fused: bool | None = None  # fused optimiser step; None = on CUDA only
     checkpoint: bool = True  # write checkpoint.pt every epoch (what --resume needs)
     reports: bool = True  # plots, attention, predictions (off: summary and weights only)
+    # after the run: time bare training steps on one fixed batch, and record how much of
+    # the loop's step time is overhead (data, augmentation, schedule, EMA) in summary.json
+    measure_overhead: bool = False
 
     def resolved_recipe(self) -> Recipe:
         base = RECIPES[self.recipe]
@@ -347,6 +350,14 @@ def train(settings: TrainSettings, cache: RunCache | None = None) -> dict:
     summary: dict = {}
     if run.dist.is_main and last_epoch == run.epochs:
         summary = finish_run(run, run.final_model())
+        if settings.measure_overhead:
+            summary |= loop_overhead(run, train_step)
+            write_json_atomic(run.out / "summary.json", summary)
+            _log(
+                f"loop overhead: {100 * summary['loop_overhead']:.1f} % of the step time "
+                f"({1e3 * summary['bare_step_seconds']:.2f} ms bare, "
+                f"{1e3 * summary['loop_step_seconds']:.2f} ms in the loop)"
+            )
     elif run.dist.is_main:
         _log(f"stopped after epoch {last_epoch} of {run.epochs}; continue with --resume")
     run.dist.barrier()
@@ -632,6 +643,41 @@ def train_one_epoch(run: Run, train_step: nn.Module, epoch: int) -> dict:
         "lr": run.optimizer.param_groups[0]["lr"],
         "seconds": seconds,
         "images_per_second": float(totals[2]) / seconds,
+    }
+
+
+def loop_overhead(run: Run, train_step: nn.Module) -> dict:
+    """The loop's median step time against bare steps (forward, backward, optimiser) on
+    one fixed batch: the share of the step time spent on anything else. Changes the
+    weights, so it runs after the artefacts are written. (A figure for the GPU: on a
+    shared CPU it is noise, and it takes 3 steps there instead of 30.)"""
+    steps, warmup = (30, 5) if run.device.type == "cuda" else (3, 1)
+    images = run.train_set.images[: run.per_rank_batch]
+    labels = run.train_set.labels[: run.per_rank_batch]
+    run.model.train()
+
+    def step() -> None:
+        loss, _ = train_step(images, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    bare = (time.perf_counter() - t0) / steps
+    epoch_seconds = sorted(h["seconds"] for h in run.history[1:] or run.history)
+    in_loop = epoch_seconds[len(epoch_seconds) // 2] / run.steps_per_epoch
+    return {
+        "bare_step_seconds": bare,
+        "loop_step_seconds": in_loop,
+        "loop_overhead": max(0.0, 1.0 - bare / in_loop),
     }
 
 

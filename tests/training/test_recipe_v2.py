@@ -10,7 +10,9 @@ v2 run resumes bit for bit, and that a sweep's shared model leaks nothing betwee
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, fields
+import subprocess
+import sys
+from dataclasses import MISSING, fields, replace
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 from seednet.graph import Normalize
 from seednet.model import ARCHITECTURES, build_model
+from tests.conftest import REPO
 from training.data import (
     ImageSet,
     alternating_flips,
@@ -38,6 +41,7 @@ from training.init import (
     zero_init_attention_,
 )
 from training.recipes import ABLATIONS, RECIPES, Recipe, parse_override
+from training.sweep import SweepPlan, SweepState, choose, run_sweep, table
 from training.train import (
     RunCache,
     TrainSettings,
@@ -389,6 +393,72 @@ def test_reflect_translate_is_a_window_of_the_reflected_image():
 
 
 # ------------------------------------------------------------------ whole runs
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def v2_args(data, out, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--recipe",
+        "v2",
+        "--arch",
+        "seednet-small",
+        "--data",
+        str(data),
+        "--limit-per-class",
+        "5",
+        "--batch-size",
+        "25",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--seed",
+        "4",
+        "--epochs",
+        "2",
+        # 4 steps in all: the EMA updates every step after the first (ema_start 0.3)
+        "--set",
+        "ema_every=1",
+        *extra,
+    ]
+
+
+def test_v2_resumes_exactly_with_its_ema_flips_and_groups(cifar_dir, tmp_path):
+    """1 + 1 epochs of v2 equal 2 epochs bit for bit: the lookahead EMA (which starts
+    mid-run), the alternating flips (which depend on the epoch), the parameter groups
+    and the linear schedule all come back from the checkpoint."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    r = run_cli(*v2_args(cifar_dir, whole))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((whole / "config.json").read_text())
+    assert config["recipe"]["ema_every"] == 1 and config["settings"]["overrides"] == {
+        "ema_every": 1
+    }
+    assert json.loads((whole / "summary.json").read_text())["weights"] == "ema"
+    first = run_cli(*v2_args(cifar_dir, split, "--stop-after", "1"))
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*v2_args(cifar_dir, split, "--resume"))
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    h1 = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    h2 = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in h1] == [h["lr"] for h in h2] and h1[-1]["lr"] == 0.0
+    # a resume under another recipe is refused
+    other = run_cli(*v2_args(cifar_dir, split, "--resume", "--set", "cutout=0"))
+    assert other.returncode != 0 and "different recipe" in other.stderr
+
+
 def test_a_recipe_with_every_field_is_recorded_in_the_manifest(cifar_dir, tmp_path):
     from registry import Registry
     from training.publish import publish_run
@@ -443,6 +513,99 @@ def test_runs_sharing_a_sweeps_model_equal_runs_of_their_own(cifar_dir, tmp_path
     assert [k for k in alone if not torch.equal(alone[k], shared[k])] == []
 
 
+def test_choose_adopts_the_variants_that_beat_the_base():
+    def rows(variant, *accs):
+        return [{"phase": "ablation", "variant": variant, "test_accuracy": a} for a in accs]
+
+    variants = {
+        "v2": {},
+        "-a": {"whitening_init": False},
+        "-b": {"cutout": 0},
+        "-c": {"cutout": 4},
+        "fast": {"recipe": "fast"},
+    }
+    runs = (
+        rows("v2", 0.90, 0.92)
+        + rows("-a", 0.90, 0.91)  # worse: kept on
+        + rows("-b", 0.92, 0.93)  # +1.5 points: adopted
+        + rows("-c", 0.915, 0.92)  # +0.75: adopted, but -b's larger gain wins the conflict
+        + rows("fast", 0.99, 0.99)  # another recipe: never adopted
+    )
+    assert choose("v2", runs, variants, margin=0.003) == {"cutout": 0}
+    assert choose("v2", runs, variants, margin=0.02) == {}
+    assert choose("v2", rows("-a", 0.95), variants, margin=0.0) == {}  # no base: nothing
+
+
+def test_a_tiny_sweep_prints_one_table(cifar_dir, tmp_path):
+    plan = SweepPlan(
+        variants={"v2": {}, "-whitening": {"whitening_init": False}},
+        ablation_epochs=1,
+        ablation_seeds=2,
+        final_seeds=2,
+        final_epochs=1,
+    )
+    base = _tiny(tmp_path, "unused", data=str(cifar_dir), epochs=None)
+    state = run_sweep(plan, base, tmp_path / "sweep")
+    assert [(r["phase"], r["variant"], r["seed"]) for r in state.runs] == [
+        ("ablation", "v2", 0),
+        ("ablation", "v2", 1),
+        ("ablation", "-whitening", 0),
+        ("ablation", "-whitening", 1),
+        ("final", "final", 0),
+        ("final", "final", 1),
+    ]
+    text = table(state)
+    lines = text.splitlines()
+    assert "variant" in lines[0] and "flip TTA" in lines[0] and "final train" in lines[0]
+    assert sum(1 for x in lines if x.startswith(("v2 ", "-whitening ", "chosen: v2"))) == 3
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(saved["runs"]) == 6 and saved["final_epochs"] == 1
+    assert (tmp_path / "sweep" / "table.txt").read_text().strip() == text
+    # the first final run measures the loop's overhead against bare steps
+    assert state.runs[4]["loop_overhead"] is not None and state.runs[5]["loop_overhead"] is None
+    assert (tmp_path / "sweep" / "final" / "final-s1" / "model.safetensors").exists()
+    # a budget that cannot hold the final runs skips the rest of the ablation
+    tight = SweepPlan(
+        variants=plan.variants, ablation_epochs=1, ablation_seeds=1, final_seeds=1, budget=1.0
+    )
+    state = run_sweep(tight, base, tmp_path / "tight")
+    assert state.skipped and "skipped (time budget)" in table(state)
+    assert not [r for r in state.runs if r["phase"] == "ablation"]
+
+
+def test_a_sweep_goes_on_without_torch_compile_when_it_fails(cifar_dir, tmp_path):
+    """On the GPU a compiler failure must cost one run, not the device call."""
+    plan = SweepPlan(variants={"v2": {}}, ablation_epochs=1, ablation_seeds=1, final_seeds=0)
+    base = _tiny(tmp_path, "unused", data=str(cifar_dir), epochs=None)
+    base = replace(base, compile=True, compile_mode="no-such-mode")  # torch.compile refuses it
+    state = run_sweep(plan, base, tmp_path / "sweep")
+    assert [(r["phase"], r["variant"]) for r in state.runs] == [("ablation", "v2")]
+    assert any("torch.compile failed" in n for n in state.notes)
+    config = json.loads((tmp_path / "sweep" / "ablation" / "v2-s0" / "config.json").read_text())
+    assert config["settings"]["compile"] is False
+
+
+def test_sweep_state_table_reports_mean_and_std():
+    state = SweepState()
+    for seed, acc in enumerate((0.90, 0.92)):
+        state.runs.append(
+            {
+                "phase": "ablation",
+                "variant": "v2",
+                "seed": seed,
+                "epochs": 4,
+                "train_seconds": 10.0 + seed,
+                "test_accuracy": acc,
+                "test_accuracy_flip_tta": acc + 0.01,
+                "final_train_accuracy": 0.5,
+                "device": "cpu",
+            }
+        )
+    row = table(state).splitlines()[2]
+    assert row.split()[:4] == ["v2", "2", "4", "10.5"]
+    assert "91.00 ± 1.41" in row and "92.00" in row and "50.00" in row
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_training_steps_never_sync_with_the_host(cifar_dir, tmp_path):
@@ -458,3 +621,39 @@ def test_the_training_steps_never_sync_with_the_host(cifar_dir, tmp_path):
         run_steps(run, step, 2)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_results_split_into_parts_come_back_whole_or_not_at_all(tmp_path):
+    """scripts/gpu_lib.sh packs a job's results in parts with SHA256SUMS on the device;
+    scripts/gpu_fetch.sh joins them here, and refuses a part that changed on the way."""
+    work = tmp_path / "device"
+    (work / "runs" / "r").mkdir(parents=True)
+    payload = bytes(range(256)) * 70_000  # 17.9 MB: two parts
+    (work / "runs" / "r" / "model.safetensors").write_bytes(payload)
+    (work / "runs" / "r" / "summary.json").write_text('{"test_accuracy": 0.5}')
+    packed = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f". {REPO}/scripts/gpu_lib.sh && OUT=out && mkdir -p out && "
+            "pack_results job runs/r/model.safetensors runs/r/summary.json",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert packed.returncode == 0, packed.stderr
+    parts = sorted(p.name for p in (work / "out").iterdir())
+    assert parts == ["SHA256SUMS", "job.tar.part00", "job.tar.part01"]
+    fetch = [str(REPO / "scripts" / "gpu_fetch.sh"), str(work / "out")]
+    ok = subprocess.run([*fetch, str(tmp_path / "here")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "here" / "runs" / "r" / "model.safetensors").read_bytes() == payload
+    with open(work / "out" / "job.tar.part01", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    bad = subprocess.run([*fetch, str(tmp_path / "bad")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "checksum mismatch" in bad.stderr
+    assert not (tmp_path / "bad" / "runs").exists()
