@@ -122,8 +122,8 @@ MUTANTS = [
         "crop-returns-input",
         "random_crop hands back the image unshifted",
         "training/data.py",
-        '    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""',
-        '    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""'
+        '    size, per image: a random translation by up to ``padding`` pixels each way."""',
+        '    size, per image: a random translation by up to ``padding`` pixels each way."""'
         "\n    return x",
         ("tests/training/test_data.py",),
     ),

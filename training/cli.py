@@ -10,7 +10,7 @@ from pathlib import Path
 from registry import ModelVersion, RegistryError
 from seednet.model import ARCHITECTURES
 from training.data import default_source
-from training.recipes import RECIPES
+from training.recipes import ABLATIONS, RECIPES, parse_override
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,11 +27,18 @@ def _positive(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m training", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _override(text: str) -> tuple[str, object]:
+    try:
+        return parse_override(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
-    t = sub.add_parser("train", help="train a SeedNet on CIFAR-10")
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+
+
+def _add_run_options(t: argparse.ArgumentParser) -> None:
+    """Options shared by train and sweep."""
     t.add_argument("--recipe", choices=sorted(RECIPES), default="seed")
     t.add_argument("--arch", choices=sorted(ARCHITECTURES), default="seednet")
     t.add_argument(
@@ -40,19 +47,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="JPEG folder, packed file, or torchvision:ROOT (downloads); "
         "default: $SEEDNET_CIFAR10 or ../shared/cifar10",
     )
-    t.add_argument("--epochs", type=_positive, help="default: the recipe's")
     t.add_argument("--batch-size", type=_positive, help="default: the recipe's")
     t.add_argument("--lr", type=float, help="peak lr (default: the recipe's, batch-scaled)")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--limit-per-class", type=_positive, help="first K images of each class")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    t.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs); implies --compile",
+    )
+    t.add_argument(
+        "--fused",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="fused optimiser step (auto: on CUDA)",
+    )
     t.add_argument(
         "--deterministic",
         action="store_true",
         help="CUDA: bitwise-reproducible kernels (CPU runs always are); slower",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a SeedNet on CIFAR-10")
+    _add_run_options(t)
+    t.add_argument("--epochs", type=_positive, help="default: the recipe's")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="FIELD=VALUE",
+        type=_override,
+        action="append",
+        default=[],
+        help="override a recipe field (value as JSON), e.g. --set whitening_init=false",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument(
+        "--no-checkpoint",
+        dest="checkpoint",
+        action="store_false",
+        help="do not write checkpoint.pt each epoch (no --resume possible)",
     )
     t.add_argument(
         "--stop-after", type=_positive, help="stop after this many epochs in total (resume later)"
@@ -65,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--register", metavar="NAME", help="publish the run to the registry")
     t.add_argument("--root", default="models", help="registry root for --register")
+
+    w = sub.add_parser(
+        "sweep", help="an ablation, then the chosen recipe on several seeds, in one process"
+    )
+    _add_run_options(w)
+    w.add_argument("--ablation", choices=sorted(ABLATIONS), help="variants (default: none)")
+    w.add_argument("--variants", help="comma-separated subset of the ablation, in this order")
+    w.add_argument("--ablation-epochs", type=_positive, default=10)
+    w.add_argument("--ablation-seeds", type=int, default=2)
+    w.add_argument("--final-seeds", type=int, default=3)
+    w.add_argument("--final-epochs", type=_positive, help="default: what fits --run-budget")
+    w.add_argument("--final-eval-every", type=_positive, default=10)
+    w.add_argument(
+        "--run-budget",
+        type=float,
+        default=110.0,
+        help="seconds of training per final run, compilation included",
+    )
+    w.add_argument("--budget", type=float, help="wall seconds for the whole sweep")
+    w.add_argument("--margin", type=float, default=0.003, help="gain needed to adopt")
+    w.add_argument("--choose", choices=["auto", "base"], default="auto")
 
     e = sub.add_parser("evaluate", help="print the accuracy table of a run or checkpoint")
     e.add_argument("source", help="run directory, registry version directory or checkpoint.pt")
@@ -129,10 +192,12 @@ def _train(args: argparse.Namespace) -> int:
         limit_per_class=args.limit_per_class,
         seed=args.seed,
         resume=args.resume,
-        compile=args.compile,
         deterministic=args.deterministic,
         stop_after=args.stop_after,
         eval_every=args.eval_every,
+        overrides=dict(args.overrides),
+        checkpoint=args.checkpoint,
+        **_speed_options(args),
     )
     summary = train(settings)
     if args.register and summary:
@@ -140,6 +205,57 @@ def _train(args: argparse.Namespace) -> int:
 
         mv = publish_run(Path(args.out), args.register, Path(args.root))
         print(_published(mv, args.root))
+    return 0
+
+
+def _speed_options(args: argparse.Namespace) -> dict:
+    return {
+        "compile": args.compile or args.compile_mode != "default",
+        "compile_mode": args.compile_mode,
+        "fused": {"auto": None, "on": True, "off": False}[args.fused],
+    }
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from training.data import check_source
+    from training.recipes import ABLATIONS
+    from training.sweep import SweepPlan, run_sweep, table
+    from training.train import TrainSettings
+
+    check_source(args.data)
+    variants = dict(ABLATIONS[args.ablation]) if args.ablation else {args.recipe: {}}
+    order = list(variants)
+    if args.variants:
+        order = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in order if v not in variants]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; have {sorted(variants)}")
+    plan = SweepPlan(
+        variants={k: variants[k] for k in order},
+        ablation_epochs=args.ablation_epochs,
+        ablation_seeds=args.ablation_seeds,
+        final_seeds=args.final_seeds,
+        final_epochs=args.final_epochs,
+        run_budget=args.run_budget,
+        budget=args.budget,
+        margin=args.margin,
+        choose=args.choose,
+        final_eval_every=args.final_eval_every,
+    )
+    base = TrainSettings(
+        recipe=args.recipe,
+        data=args.data,
+        out=args.out,
+        arch=args.arch,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        limit_per_class=args.limit_per_class,
+        deterministic=args.deterministic,
+        **_speed_options(args),
+    )
+    state = run_sweep(plan, base, Path(args.out), order)
+    print(table(state))
     return 0
 
 
@@ -194,6 +310,7 @@ def _register(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": _train,
+    "sweep": _sweep,
     "evaluate": _evaluate,
     "pack-data": _pack,
     "export": _export,

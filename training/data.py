@@ -252,15 +252,19 @@ def pack_folder(src: Path, dest: Path) -> dict:
 # ----------------------------------------------------------------- tensors
 @dataclass(frozen=True)
 class Augmentation:
-    """The report's augmentation (pad + random crop, horizontal flip), plus optional cutout."""
+    """The report's augmentation (pad + random crop, horizontal flip), plus optional cutout.
+
+    ``pad_mode`` is how the translate pads ("zeros", the report's, or "reflect").
+    """
 
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0  # side of a zeroed square (0 = off)
+    pad_mode: str = "zeros"
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if self.crop_padding:
-            x = random_crop(x, self.crop_padding, generator)
+            x = random_crop(x, self.crop_padding, generator, self.pad_mode)
         if self.flip:
             x = random_flip(x, generator)
         if self.cutout:
@@ -268,10 +272,18 @@ class Augmentation:
         return x
 
 
-def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Zero-pad by ``padding`` and take a random crop of the original size, per image."""
+def random_crop(
+    x: Tensor, padding: int, generator: torch.Generator, pad_mode: str = "zeros"
+) -> Tensor:
+    """Pad by ``padding`` (zeros or a reflection) and take a random crop of the original
+    size, per image: a random translation by up to ``padding`` pixels each way."""
     n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    if pad_mode == "zeros":
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+    elif pad_mode == "reflect":
+        padded = torch.nn.functional.pad(x, (padding,) * 4, mode="reflect")
+    else:
+        raise ValueError(f"unknown pad_mode {pad_mode!r}")
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
@@ -284,6 +296,19 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
     flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def alternating_flips(n: int, seed: int) -> Tensor:
+    """Each image's flip in odd epochs (random, drawn once per run from ``seed``); even
+    epochs flip the others (:func:`flips_for_epoch`). airbench's alternating flip: every
+    image is seen both ways round in every pair of epochs, instead of by chance."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def flips_for_epoch(base: Tensor, epoch: int) -> Tensor:
+    """The flip mask of (1-based) ``epoch``: ``base`` in odd epochs, its inverse in even."""
+    return base if epoch % 2 == 1 else ~base
 
 
 def cutout(x: Tensor, size: int, generator: torch.Generator) -> Tensor:
@@ -307,11 +332,13 @@ def batches(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    flips: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (uint8 images, labels) batches; shuffled and augmented when a generator is given.
 
     With ``world_size > 1`` every rank draws the same permutation and takes its own
     interleaved shard, so ranks see disjoint images (DistributedSampler's scheme).
+    ``flips`` (a bool per image of ``data``) mirrors those images before augmentation.
     """
     n = len(data)
     device = data.images.device
@@ -326,6 +353,8 @@ def batches(
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
         x = data.images[idx]
+        if flips is not None:
+            x = torch.where(flips[idx][:, None, None, None], x.flip(3), x)
         if augmentation is not None and generator is not None:
             x = augmentation(x, generator)
         yield x, data.labels[idx]

@@ -29,8 +29,14 @@ def plot_curves(history: Sequence[dict], path: Path) -> None:
     ax_loss.legend()
     ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], label="train")
     ax_acc.plot(t_epochs, [100 * h["test_accuracy"] for h in tested], label="test")
-    if any(h.get("ema_test_accuracy") is not None for h in tested):
-        ax_acc.plot(t_epochs, [100 * h["ema_test_accuracy"] for h in tested], label="test (EMA)")
+    # the EMA may start late in the run (recipe field ema_start)
+    ema = [h for h in tested if h.get("ema_test_accuracy") is not None]
+    if ema:
+        ax_acc.plot(
+            [h["epoch"] for h in ema],
+            [100 * h["ema_test_accuracy"] for h in ema],
+            label="test (EMA)",
+        )
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend()

@@ -36,8 +36,18 @@ from seednet.constants import CIFAR10_MEAN, CIFAR10_STD, INPUT_SIZE
 from seednet.device import resolve_device
 from seednet.graph import Normalize, save_weights
 from seednet.model import ARCHITECTURES, SeedNet, build_model
-from training.data import DEFAULT_DATA, Augmentation, ImageSet, batches, load_split
+from training.data import (
+    DEFAULT_DATA,
+    Augmentation,
+    ImageSet,
+    alternating_flips,
+    batches,
+    flips_for_epoch,
+    load_split,
+)
+from training.ema import WeightEMA, ema_decay_at, ema_due
 from training.evaluation import Evaluation, evaluate, format_table
+from training.init import dirac_init_, whitening_init_, whitening_sample, zero_init_attention_
 from training.recipes import RECIPES, Recipe
 from training.reports import plot_confusion, plot_curves
 
@@ -63,6 +73,21 @@ class TrainSettings:
     deterministic: bool = False  # CUDA: deterministic kernels, no cuDNN autotuning (slower)
     stop_after: int | None = None  # stop after this many epochs in total (time-sliced jobs)
     eval_every: int = 1
+    # recipe fields to override (an ablation variant), e.g. {"whitening_init": False}
+    overrides: dict = field(default_factory=dict)
+    # torch.compile mode of the training step: "default", "reduce-overhead" (CUDA graphs)
+    # or "max-autotune-no-cudagraphs"; only with compile=True
+    compile_mode: str = "default"
+    fused: bool | None = None  # fused optimiser step; None = on CUDA only
+    checkpoint: bool = True  # write checkpoint.pt every epoch (what --resume needs)
+    reports: bool = True  # plots, attention, predictions (off: summary and weights only)
+    # after the run: time bare training steps on one fixed batch, and record how much of
+    # the loop's step time is overhead (data, augmentation, schedule, EMA) in summary.json
+    measure_overhead: bool = False
+
+    def resolved_recipe(self) -> Recipe:
+        base = RECIPES[self.recipe]
+        return base.apply(self.overrides) if self.overrides else base
 
 
 def onecycle(step: int, total: int, warmup_fraction: float) -> float:
@@ -74,18 +99,143 @@ def onecycle(step: int, total: int, warmup_fraction: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) + 1e-4
 
 
-def make_optimizer(model: nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+def linear_warmup_decay(step: int, total: int, warmup_fraction: float, start: float, end: float):
+    """Multiplier of the peak lr: linear from ``start`` to 1 over the first
+    ``warmup_fraction`` of the steps, then linear to ``end`` at step ``total``."""
+    warm = int(total * warmup_fraction) if warmup_fraction > 0 else 0
+    if step < warm:
+        return start + (1.0 - start) * step / warm
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return 1.0 + (end - 1.0) * progress
+
+
+def lr_factor(recipe: Recipe, total_steps: int):
+    """The recipe's schedule as a function of the step (LambdaLR's argument)."""
+    if recipe.schedule == "onecycle":
+        return lambda s: onecycle(s, total_steps, recipe.warmup_fraction)
+    if recipe.schedule == "linear":
+        return lambda s: linear_warmup_decay(
+            s, total_steps, recipe.warmup_fraction, recipe.warmup_start, recipe.final_lr
+        )
+    return lambda s: 1.0
+
+
+def is_bn_or_bias(name: str, param: nn.Parameter) -> bool:
+    """BatchNorm weights and biases and every bias: the 1-d parameters of a SeedNet."""
+    return param.ndim <= 1
+
+
+def parameter_groups(model: nn.Module, recipe: Recipe, lr: float) -> list[dict]:
+    """The optimiser's parameter groups, and BN scales frozen when the recipe says so.
+
+    One group (every trainable parameter at ``lr`` and the recipe's weight decay) unless
+    the recipe gives BN and bias parameters their own lr multiplier or weight decay; then
+    "weights" and "bn+bias" groups, named in the optimiser's param_groups.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.weight is not None:
+            m.weight.requires_grad_(not recipe.freeze_bn_scale)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not recipe.grouped:
+        return [{"params": [p for _, p in named], "lr": lr, "weight_decay": recipe.weight_decay}]
+    return [
+        {
+            "name": "weights",
+            "params": [p for n, p in named if not is_bn_or_bias(n, p)],
+            "lr": lr,
+            "weight_decay": recipe.weight_decay,
+        },
+        {
+            "name": "bn+bias",
+            "params": [p for n, p in named if is_bn_or_bias(n, p)],
+            "lr": lr * recipe.bias_lr_scale,
+            "weight_decay": recipe.bias_decay(),
+        },
+    ]
+
+
+def make_optimizer(
+    model: nn.Module, recipe: Recipe, lr: float, fused: bool = False
+) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, recipe, lr)
+    extra = {"fused": True} if fused else {}
     if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=recipe.weight_decay, **extra)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(),
+            groups,
             lr=lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
             weight_decay=recipe.weight_decay,
+            **extra,
         )
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
+
+
+def apply_init(
+    model: SeedNet, recipe: Recipe, train_set: ImageSet, normalize: Normalize, seed: int
+) -> None:
+    """The recipe's training-time init (training/init.py), after the Kaiming init.
+
+    Uses no global RNG (whitening draws its rotations from its own generator), so turning
+    one technique on or off leaves every other starting value as it was.
+    """
+    if recipe.dirac_init:
+        dirac_init_(model, recipe.dirac_init)
+    if recipe.zero_init_attention:
+        zero_init_attention_(model)
+    if recipe.whitening_init:
+        sample = normalize(whitening_sample(train_set.images)).float()
+        whitening_init_(model, sample, torch.Generator().manual_seed(seed + 3))
+    momentum = 0.1 if recipe.bn_momentum is None else recipe.bn_momentum
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+
+
+class TrainStep(nn.Module):
+    """Normalise, forward, loss: what one training step computes before backward.
+
+    One module so ``torch.compile`` sees the whole forward (input normalisation, bf16
+    autocast, channels_last, the loss and the accuracy count) as one graph; returns
+    (loss, number correct) as device tensors, never a Python number (no host sync).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        normalize: Normalize,
+        label_smoothing: float,
+        bf16: bool,
+        channels_last: bool,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = normalize
+        self.label_smoothing = label_smoothing
+        self.bf16 = bf16
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = self.normalize(x)
+        if self.channels_last:
+            xf = xf.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(xf.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            logits, _ = self.model(xf)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return loss, (logits.argmax(1) == y).sum()
+
+
+@dataclass
+class RunCache:
+    """What a sweep of runs in one process shares: decoded data, and one model object per
+    architecture and device whose weights each run re-initialises in place, so the
+    compiled training step (keyed by what its graph depends on) is compiled once."""
+
+    data: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    steps: dict = field(default_factory=dict)
 
 
 class _Dist:
@@ -143,12 +293,15 @@ class Run:
     model: SeedNet
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    ema: torch.optim.swa_utils.AveragedModel | None
+    ema: WeightEMA | None
     data_gen: torch.Generator
     run_config: dict
     per_rank_batch: int
     steps_per_epoch: int
     normalize: Normalize
+    flip_base: torch.Tensor | None = None  # alternating flip: each image's odd-epoch flip
+    init_seconds: float = 0.0  # data-dependent init (whitening), counted as training
+    cache: RunCache | None = None
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
 
@@ -156,23 +309,36 @@ class Run:
     def use_bf16(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def final_model(self) -> SeedNet:
+        """The EMA's weights once it has averaged anything, else the trained weights."""
+        if self.ema is not None and self.ema.count > 0:
+            return self.ema.module
+        return self.model
+
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def train(settings: TrainSettings) -> dict:
-    """Train (or resume) a run; returns the summary written to summary.json."""
-    run = setup(settings)
+def train(settings: TrainSettings, cache: RunCache | None = None) -> dict:
+    """Train (or resume) a run; returns the summary written to summary.json.
+
+    ``cache`` (sweeps in one process) shares decoded data and compiled code between runs.
+    """
+    run = setup(settings, cache)
     if settings.resume:
         resume(run)
     if run.dist.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run.out / "config.json", run.run_config)
-    train_model = _wrap(run)
+    train_step = _wrap(run)
     last_epoch = min(run.epochs, settings.stop_after or run.epochs)
     for epoch in range(run.start_epoch + 1, last_epoch + 1):
-        record = train_one_epoch(run, train_model, epoch)
+        record = train_one_epoch(run, train_step, epoch)
         if run.dist.is_main:
             if epoch % settings.eval_every == 0 or epoch == run.epochs:
                 record |= evaluate_epoch(run)
@@ -183,8 +349,15 @@ def train(settings: TrainSettings) -> dict:
 
     summary: dict = {}
     if run.dist.is_main and last_epoch == run.epochs:
-        final = run.ema.module if run.ema is not None else run.model
-        summary = finish_run(run, final)
+        summary = finish_run(run, run.final_model())
+        if settings.measure_overhead:
+            summary |= loop_overhead(run, train_step)
+            write_json_atomic(run.out / "summary.json", summary)
+            _log(
+                f"loop overhead: {100 * summary['loop_overhead']:.1f} % of the step time "
+                f"({1e3 * summary['bare_step_seconds']:.2f} ms bare, "
+                f"{1e3 * summary['loop_step_seconds']:.2f} ms in the loop)"
+            )
     elif run.dist.is_main:
         _log(f"stopped after epoch {last_epoch} of {run.epochs}; continue with --resume")
     run.dist.barrier()
@@ -209,9 +382,39 @@ def _setup_device(settings: TrainSettings) -> torch.device:
     return device
 
 
-def setup(settings: TrainSettings) -> Run:
-    """Device, data, model, optimiser, schedule and EMA of a fresh run."""
-    recipe = RECIPES[settings.recipe]
+def _load_data(
+    settings: TrainSettings, device: torch.device, cache: RunCache | None
+) -> tuple[ImageSet, ImageSet, float]:
+    key = (settings.data, settings.limit_per_class, str(device))
+    if cache is not None and key in cache.data:
+        return cache.data[key]
+    t_data = time.perf_counter()
+    train_set = load_split(settings.data, "train", settings.limit_per_class).to(device)
+    test_set = load_split(settings.data, "test", settings.limit_per_class).to(device)
+    loaded = (train_set, test_set, time.perf_counter() - t_data)
+    if cache is not None:
+        cache.data[key] = loaded
+    return loaded
+
+
+def _build_model(settings: TrainSettings, device: torch.device, cache: RunCache | None) -> SeedNet:
+    """A freshly initialised model: a new one, or the cache's, re-initialised in place
+    with exactly the values a new one would get."""
+    model = build_model(ARCHITECTURES[settings.arch]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cache is None:
+        return model
+    key = (settings.arch, str(device))
+    shared = cache.models.setdefault(key, model)
+    if shared is not model:
+        shared.load_state_dict(model.state_dict())
+    return shared
+
+
+def setup(settings: TrainSettings, cache: RunCache | None = None) -> Run:
+    """Device, data, model (and its init), optimiser, schedule and EMA of a fresh run."""
+    recipe = settings.resolved_recipe()
     epochs = settings.epochs if settings.epochs is not None else recipe.epochs
     batch_size = settings.batch_size or recipe.batch_size
     if epochs < 1:
@@ -221,41 +424,40 @@ def setup(settings: TrainSettings) -> Run:
     lr = settings.lr if settings.lr is not None else recipe.lr_for(batch_size)
     device = _setup_device(settings)
     dist = _Dist(device)
+    if dist.enabled:
+        cache = None  # one run per process under torchrun
     cfg = ARCHITECTURES[settings.arch]
 
     torch.manual_seed(settings.seed)
-    t_data = time.perf_counter()
-    train_set = load_split(settings.data, "train", settings.limit_per_class).to(device)
-    test_set = load_split(settings.data, "test", settings.limit_per_class).to(device)
-    data_seconds = time.perf_counter() - t_data
+    train_set, test_set, data_seconds = _load_data(settings, device, cache)
     if dist.is_main:
         _log(
             f"data: {len(train_set)} train / {len(test_set)} test images decoded in "
             f"{data_seconds:.1f}s, on {device}"
         )
 
-    model = build_model(cfg).to(device)
+    model = _build_model(settings, device, cache)
+    normalize = Normalize(CIFAR10_MEAN, CIFAR10_STD).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, recipe, lr)
+        torch.cuda.synchronize(device)
+    t_init = time.perf_counter()
+    apply_init(model, recipe, train_set, normalize, settings.seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    init_seconds = time.perf_counter() - t_init if recipe.whitening_init else 0.0
+    fused = settings.fused if settings.fused is not None else device.type == "cuda"
+    optimizer = make_optimizer(model, recipe, lr, fused=fused)
     per_rank_batch = max(1, batch_size // dist.world_size)
     rank_images = len(range(dist.rank, len(train_set), dist.world_size))
     steps_per_epoch = max(1, rank_images // per_rank_batch)
     total_steps = steps_per_epoch * epochs
-    if recipe.schedule == "onecycle":
-        factor = lambda s: onecycle(s, total_steps, recipe.warmup_fraction)  # noqa: E731
-    else:
-        factor = lambda s: 1.0  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    ema = None
-    if recipe.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model,
-            multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(recipe.ema_decay),
-            use_buffers=True,
-        )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, total_steps))
+    ema = WeightEMA(model) if recipe.ema_decay else None
     data_gen = torch.Generator(device=device)
     data_gen.manual_seed(settings.seed + 1)
+    flip_base = None
+    if recipe.flip and recipe.alternating_flip:
+        flip_base = alternating_flips(len(train_set), settings.seed + 2).to(device)
 
     run_config = {
         "arch": settings.arch,
@@ -292,20 +494,43 @@ def setup(settings: TrainSettings) -> Run:
         run_config=run_config,
         per_rank_batch=per_rank_batch,
         steps_per_epoch=steps_per_epoch,
-        normalize=Normalize(CIFAR10_MEAN, CIFAR10_STD).to(device),
+        normalize=normalize,
+        flip_base=flip_base,
+        init_seconds=init_seconds,
+        cache=cache,
     )
 
 
 def _wrap(run: Run) -> nn.Module:
-    """The module the loop calls: DDP across processes and/or torch.compile, as asked."""
+    """The training step the loop calls: DDP across processes and/or torch.compile."""
     module: nn.Module = run.model
     if run.dist.enabled:
         module = nn.parallel.DistributedDataParallel(
             module, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
-    if run.settings.compile:
-        module = torch.compile(module)
-    return module
+    settings = run.settings
+    key = (
+        settings.arch,
+        str(run.device),
+        run.recipe.label_smoothing,
+        settings.compile,
+        settings.compile_mode,
+    )
+    if run.cache is not None and key in run.cache.steps:
+        return run.cache.steps[key]
+    step: nn.Module = TrainStep(
+        module,
+        run.normalize,
+        run.recipe.label_smoothing,
+        bf16=run.use_bf16,
+        channels_last=run.device.type == "cuda",
+    )
+    if settings.compile:
+        mode = None if settings.compile_mode == "default" else settings.compile_mode
+        step = torch.compile(step, mode=mode)
+    if run.cache is not None:
+        run.cache.steps[key] = step
+    return step
 
 
 # ------------------------------------------------------------------ resume
@@ -337,16 +562,65 @@ def resume(run: Run) -> None:
 
 
 # ------------------------------------------------------------------ one epoch
-def train_one_epoch(run: Run, train_model: nn.Module, epoch: int) -> dict:
-    """One pass over the (augmented, shuffled) training data; returns the epoch's record."""
+def run_steps(
+    run: Run, train_step: nn.Module, epoch: int, bar: tqdm | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The epoch's optimiser steps: (summed loss, number correct) on the device, images.
+
+    Nothing here reads a device value (no host sync per step); on CUDA this runs under
+    ``torch.cuda.set_sync_debug_mode("error")`` (tests/training/test_recipe_v2.py).
+    """
     recipe, device, dist = run.recipe, run.device, run.dist
-    run.model.train()
-    augmentation = Augmentation(recipe.crop_padding, recipe.flip, recipe.cutout)
-    show_bar = dist.is_main and sys.stderr.isatty()
-    t0 = time.perf_counter()
+    augmentation = Augmentation(
+        recipe.crop_padding,
+        recipe.flip and run.flip_base is None,
+        recipe.cutout,
+        recipe.pad_mode,
+    )
+    flips = flips_for_epoch(run.flip_base, epoch) if run.flip_base is not None else None
+    ema, total = run.ema, run.total_steps
+    step = (epoch - 1) * run.steps_per_epoch  # global steps done before this epoch
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     seen = 0
+    for x, y in batches(
+        run.train_set,
+        run.per_rank_batch,
+        run.data_gen,
+        augmentation,
+        drop_last=True,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        flips=flips,
+    ):
+        loss, hits = train_step(x, y)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        step += 1
+        if ema is not None and ema_due(step, total, recipe.ema_every, recipe.ema_start):
+            decay = ema_decay_at(step, total, recipe.ema_decay, recipe.ema_every, recipe.ema_warmup)
+            ema.update(run.model, decay, lookahead=recipe.ema_lookahead)
+        loss_sum += loss.detach() * len(y)
+        correct += hits
+        seen += len(y)
+        if bar is not None:  # host-side counts only: reading the loss would sync
+            bar.update(1)
+    if ema is not None and recipe.ema_lookahead and ema.count > 0:
+        ema.copy_to(run.model)  # end the epoch on the average (airbench's lookahead)
+    return loss_sum, correct, seen
+
+
+def train_one_epoch(run: Run, train_step: nn.Module, epoch: int) -> dict:
+    """One pass over the (augmented, shuffled) training data; returns the epoch's record.
+
+    Loss and accuracy are summed on the device and read once, after the epoch.
+    """
+    device, dist = run.device, run.dist
+    run.model.train()
+    show_bar = dist.is_main and sys.stderr.isatty()
+    t0 = time.perf_counter()
     bar = tqdm(
         total=run.steps_per_epoch,
         desc=f"epoch {epoch}/{run.epochs}",
@@ -354,41 +628,7 @@ def train_one_epoch(run: Run, train_model: nn.Module, epoch: int) -> dict:
         leave=False,
         dynamic_ncols=True,
     )
-    for step, (x, y) in enumerate(
-        batches(
-            run.train_set,
-            run.per_rank_batch,
-            run.data_gen,
-            augmentation,
-            drop_last=True,
-            rank=dist.rank,
-            world_size=dist.world_size,
-        )
-    ):
-        xf = run.normalize(x)
-        if device.type == "cuda":
-            xf = xf.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
-            logits, _ = train_model(xf)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
-        run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        if show_bar:
-            bar.update(1)
-            if step % 20 == 0:
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(
-                    loss=f"{float(loss_sum) / seen:.3f}",
-                    acc=f"{100 * float(correct) / seen:.1f}%",
-                    img_s=f"{seen * dist.world_size / elapsed:.0f}",
-                )
+    loss_sum, correct, seen = run_steps(run, train_step, epoch, bar if show_bar else None)
     bar.close()
     totals = dist.all_sum(
         torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
@@ -406,14 +646,51 @@ def train_one_epoch(run: Run, train_model: nn.Module, epoch: int) -> dict:
     }
 
 
+def loop_overhead(run: Run, train_step: nn.Module) -> dict:
+    """The loop's median step time against bare steps (forward, backward, optimiser) on
+    one fixed batch: the share of the step time spent on anything else. Changes the
+    weights, so it runs after the artefacts are written. (A figure for the GPU: on a
+    shared CPU it is noise, and it takes 3 steps there instead of 30.)"""
+    steps, warmup = (30, 5) if run.device.type == "cuda" else (3, 1)
+    images = run.train_set.images[: run.per_rank_batch]
+    labels = run.train_set.labels[: run.per_rank_batch]
+    run.model.train()
+
+    def step() -> None:
+        loss, _ = train_step(images, labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    bare = (time.perf_counter() - t0) / steps
+    epoch_seconds = sorted(h["seconds"] for h in run.history[1:] or run.history)
+    in_loop = epoch_seconds[len(epoch_seconds) // 2] / run.steps_per_epoch
+    return {
+        "bare_step_seconds": bare,
+        "loop_step_seconds": in_loop,
+        "loop_overhead": max(0.0, 1.0 - bare / in_loop),
+    }
+
+
 # ------------------------------------------------------------------ evaluate
 def evaluate_epoch(run: Run) -> dict:
-    """Test loss and accuracy of the raw weights (and of the EMA when there is one)."""
+    """Test loss and accuracy of the raw weights (and of the EMA once it has started)."""
     ev = evaluate(run.model, run.test_set, autocast=run.use_bf16, flip_tta=False)
     out = {"test_loss": ev.loss, "test_accuracy": ev.accuracy}
     if run.ema is not None:
-        ev_ema = evaluate(run.ema.module, run.test_set, autocast=run.use_bf16, flip_tta=False)
-        out |= {"ema_test_loss": ev_ema.loss, "ema_test_accuracy": ev_ema.accuracy}
+        out |= {"ema_test_loss": None, "ema_test_accuracy": None}
+        if run.ema.count > 0:
+            ev_ema = evaluate(run.ema.module, run.test_set, autocast=run.use_bf16, flip_tta=False)
+            out |= {"ema_test_loss": ev_ema.loss, "ema_test_accuracy": ev_ema.accuracy}
     return out
 
 
@@ -431,7 +708,14 @@ def _epoch_line(r: dict, epochs: int) -> str:
 
 # ------------------------------------------------------------------ save
 def save_checkpoint(run: Run, epoch: int) -> None:
-    """checkpoint.pt (everything --resume needs, weights_only-loadable) and metrics.jsonl."""
+    """checkpoint.pt (everything --resume needs, weights_only-loadable) and metrics.jsonl.
+
+    The checkpoint is skipped when the run's settings say so (sweeps: no resume needed).
+    """
+    metrics = "".join(json.dumps(h) + "\n" for h in run.history)
+    write_atomic(run.out / "metrics.jsonl", metrics, durable=False)
+    if not run.settings.checkpoint:
+        return
     ckpt = {
         "epoch": epoch,
         "model": run.model.state_dict(),
@@ -450,8 +734,6 @@ def save_checkpoint(run: Run, epoch: int) -> None:
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     write_atomic(run.out / CHECKPOINT, buf.getvalue(), durable=False)
-    metrics = "".join(json.dumps(h) + "\n" for h in run.history)
-    write_atomic(run.out / "metrics.jsonl", metrics, durable=False)
 
 
 def finish_run(run: Run, model: SeedNet) -> dict:
@@ -464,36 +746,40 @@ def finish_run(run: Run, model: SeedNet) -> dict:
         out / "confusion_matrix.json",
         {"classes": classes, "rows": "true", "columns": "predicted", "matrix": ev.confusion},
     )
-    plot_confusion(ev.confusion, classes, out / "confusion_matrix.png")
-    plot_curves(history, out / "curves.png")
-    write_json_atomic(
-        out / "attention_per_class.json",
-        {
-            "description": "mean softmax attention weights per intermediate block (network "
-            "order) and branch, on the test set, grouped by class",
-            "blocks": len(ev.attention_overall),
-            "classes": classes,
-            "by_true_class": ev.attention_by_true_class,
-            "by_predicted_class": ev.attention_by_predicted_class,
-            "overall": ev.attention_overall,
-        },
-    )
-    write_json_atomic(
-        out / "test_predictions.json",
-        {
-            "dataset": run_config["dataset"]["test"],
-            "labels": test_set.labels.tolist(),
-            "predictions": ev.predictions,
-        },
-    )
-    train_seconds = sum(h["seconds"] for h in history)
+    if run.settings.reports:
+        plot_confusion(ev.confusion, classes, out / "confusion_matrix.png")
+        plot_curves(history, out / "curves.png")
+        write_json_atomic(
+            out / "attention_per_class.json",
+            {
+                "description": "mean softmax attention weights per intermediate block "
+                "(network order) and branch, on the test set, grouped by class",
+                "blocks": len(ev.attention_overall),
+                "classes": classes,
+                "by_true_class": ev.attention_by_true_class,
+                "by_predicted_class": ev.attention_by_predicted_class,
+                "overall": ev.attention_overall,
+            },
+        )
+        write_json_atomic(
+            out / "test_predictions.json",
+            {
+                "dataset": run_config["dataset"]["test"],
+                "labels": test_set.labels.tolist(),
+                "predictions": ev.predictions,
+            },
+        )
+    # whitening's patch covariance is part of training; decoding the data is not
+    train_seconds = sum(h["seconds"] for h in history) + run.init_seconds
     device = run.device
     summary = ev.summary() | {
         "epochs": len(history),
         "train_seconds": train_seconds,
+        "init_seconds": run.init_seconds,
         "data_seconds": run.data_seconds,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "weights": "ema" if run_config["recipe"]["ema_decay"] else "final",
+        "weights": "ema" if model is not run.model else "final",
+        "final_train_accuracy": history[-1]["train_accuracy"] if history else None,
         # the JPEG folder and the packed file hold the q75 re-encoded copy
         "dataset": "CIFAR-10 (JPEG q75 copy)"
         if test_set.description.get("source") in ("jpeg-folder", "packed")
