@@ -4,13 +4,17 @@ The export checks (``seednet.export``), the int8 gate (``seednet.quantize``), th
 service's backends and the benchmarks all open sessions here, so what is verified on
 the golden set is exactly what serves.
 
-CPU settings (each measured by ``bench/cpu_backends_bench.py --ablation``, figures in
-docs/benchmarks.md): ONNX Runtime with every graph optimisation (``ORT_ENABLE_ALL``,
-which includes the NCHWc layout transform), ``threads`` intra-op threads, one inter-op
-thread and sequential execution (the graph is a chain: nothing to run in parallel);
-OpenVINO with the LATENCY hint (one stream using all ``threads``: the service runs one
-batch at a time) and fp32 inference precision (OpenVINO would pick bf16 on CPUs that
-have it, which breaks the 1e-4 parity with eager).
+CPU settings, each kept because ``bench/cpu_backends_bench.py --ablation`` showed it
+helps (figures in docs/benchmarks.md): ONNX Runtime with every graph optimisation
+(``ORT_ENABLE_ALL``, which adds the NCHWc layout transform to the fusions), ``threads``
+intra-op threads, one inter-op thread and sequential execution (the graph is a chain;
+the parallel executor was slower), and intra-op threads that do not spin while waiting
+(ONNX Runtime's default is to spin: on a host whose cores are shared with request
+parsing, JPEG decoding, other workers or other programs, spinning took the cores from
+them and doubled the median batch-1 time). OpenVINO with the LATENCY hint (one stream
+using all ``threads``: the service runs one batch at a time) and fp32 inference
+precision (OpenVINO would pick bf16 on CPUs that have it, which breaks the 1e-4 parity
+with eager).
 
 ``threads`` defaults to :func:`default_threads`: torch's intra-op thread count, which is
 the cores this process may use unless ``OMP_NUM_THREADS`` or ``torch.set_num_threads``

@@ -100,10 +100,15 @@ def open_fastest(prepared: Prepared, cuda_graphs: bool = True) -> tuple[Backend,
         be = open_backend(chosen, mv, artefacts[chosen], prepared.device, cuda_graphs)
         return be, {**earlier, "reused": True}
     t0 = time.perf_counter()
-    opened = {
-        name: open_backend(name, mv, path, prepared.device, cuda_graphs)
-        for name, path in prepared.candidates
-    }
+    opened = {}
+    for name, path in prepared.candidates:
+        be = open_backend(name, mv, path, prepared.device, cuda_graphs)
+        if be.device == prepared.device:  # e.g. ONNX Runtime without a working CUDA provider
+            opened[name] = be
+        else:
+            log.warning(
+                "auto: %s runs on %s, not %s: not a candidate", name, be.device, prepared.device
+            )
     figures = measure(opened)
     chosen = min(figures, key=lambda n: figures[n]["score_ms_per_image"])
     result = {

@@ -69,6 +69,11 @@ def prepare(
         return Prepared(mv, backend, weights, device)
     if backend == "onnx-int8":
         return Prepared(mv, backend, _int8_artefact(registry, mv), device)
+    if backend in ("openvino", "onnx-int8") and device != "cpu":
+        raise ModelLoadError(
+            f"the {backend} backend runs on the CPU only (it was verified there); "
+            "set SEEDNET_DEVICE=cpu"
+        )
     if backend == "openvino" and not openvino_available():
         raise ModelLoadError("the openvino backend needs the openvino package")
     wanted = auto_candidates(device) if backend == AUTO else [backend]
