@@ -30,8 +30,14 @@ EXPORTS_FILE = "exports.json"
 WEIGHTS_FILE = "weights.safetensors"
 GOLDEN_FILE = "golden.safetensors"  # real test images + the eager outputs recorded at publish
 ATTENTION_REFERENCE_FILE = "attention_per_class.json"
-# Derived files (rebuilt from the weights, recorded in exports.json), by backend.
-EXPORT_FILES: dict[str, str] = {"torchscript": "model.ts", "onnx": "model.onnx"}
+# Derived files (recorded in exports.json), by backend. OpenVINO compiles the ONNX export;
+# the int8 export is built by `python -m training quantize` (it needs calibration data).
+EXPORT_FILES: dict[str, str] = {
+    "torchscript": "model.ts",
+    "onnx": "model.onnx",
+    "openvino": "model.onnx",
+    "onnx-int8": "model.int8.onnx",
+}
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ The exported graph is :class:`seednet.graph.InferenceModel`: input ``images`` ui
 the attention of all blocks is one tensor, network order on axis 1).
 
 An export is accepted only if: ``onnx.checker`` passes; an ONNX Runtime CPU session
-runs it; TorchScript loads and runs in a fresh process; and the outputs of both match
-the eager model on real images at batch 1 and 64 within ``TOLERANCE`` (fp32). A failing
-check raises :class:`ExportError` with the figures, and nothing is written.
+(the served settings, ``seednet.runtimes``) runs it; TorchScript loads and runs in a
+fresh process; and the outputs of both match the eager model on real images at batch 1
+and 64 within ``TOLERANCE`` (fp32). A failing check raises :class:`ExportError` with the
+figures, and nothing is written. When OpenVINO is installed, the ONNX export compiled by
+OpenVINO is checked the same way; a failure there only leaves ``openvino`` out of the
+verified backends (``verified_backends``), it does not refuse the other exports.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from safetensors.torch import load_file, save_file
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.graph import InferenceModel, inference_model
+from seednet.runtimes import OpenVinoModel, openvino_available, ort_run, ort_session
 
 TOLERANCE = 1e-4
 OUTPUTS = ("probabilities", "attention")
 CHECK_BATCHES = (1, 64)
+REQUIRED = ("torchscript", "onnx")  # refused together; "openvino" is optional
 # The ONNX exporter's libraries log every pass at INFO: hundreds of lines per export.
 _CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")
 
@@ -62,7 +67,14 @@ class ExportReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        """Every required export checked and within tolerance (optional ones may fail)."""
+        return set(REQUIRED) <= {c.artefact for c in self.checks} and all(
+            c.passed for c in self.checks if c.artefact in REQUIRED
+        )
+
+    @property
+    def verified(self) -> list[str]:
+        return verified_backends({"checks": [vars(c) for c in self.checks]})
 
     def table(self) -> str:
         rows = [f"{'artefact':<14}{'batch':>6}{'probabilities':>16}{'attention':>14}  result"]
@@ -87,10 +99,35 @@ class ExportReport:
                 {"artefact": c.artefact, "batch": c.batch, "max_abs_diff": c.max_abs_diff}
                 for c in self.checks
             ],
+            "verified": self.verified,
             "tolerance": TOLERANCE,
             "torch": torch.__version__,
+            "runtimes": _runtime_versions(),
             "onnx_opset": _onnx_opset(self.files.get("model.onnx")),
         }
+
+
+def verified_backends(info: dict) -> list[str]:
+    """Backends of an exports.json whose every recorded check is within ``TOLERANCE``."""
+    checks = info.get("checks", [])
+    seen = {c.get("artefact") for c in checks}
+    failed = {
+        c.get("artefact")
+        for c in checks
+        if not all(v <= info.get("tolerance", TOLERANCE) for v in c["max_abs_diff"].values())
+    }
+    return sorted(a for a in seen - failed if isinstance(a, str))
+
+
+def _runtime_versions() -> dict[str, str]:
+    import onnxruntime
+
+    versions = {"onnxruntime": onnxruntime.__version__}
+    if openvino_available():
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    return versions
 
 
 def _onnx_opset(path: Path | None) -> int | None:
@@ -178,11 +215,14 @@ def _torchscript_in_fresh_process(path: Path, images: torch.Tensor) -> dict[str,
 
 def _onnx_run(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
     import onnx
-    import onnxruntime as ort
 
     onnx.checker.check_model(str(path), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probs, att = session.run(list(OUTPUTS), {"images": images.numpy()})
+    probs, att = ort_run(ort_session(path, "cpu"), images.numpy())
+    return {"probabilities": probs, "attention": att}
+
+
+def _openvino_run(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    probs, att = OpenVinoModel(path).run(images.numpy())
     return {"probabilities": probs, "attention": att}
 
 
@@ -209,6 +249,13 @@ def export_and_check(model: InferenceModel, images: torch.Tensor, out_dir: Path)
             Check("torchscript", batch, _diff(_torchscript_in_fresh_process(ts_path, x), reference))
         )
         report.checks.append(Check("onnx", batch, _diff(_onnx_run(onnx_path, x), reference)))
+        if openvino_available():
+            try:
+                got = _openvino_run(onnx_path, x)
+            except Exception as exc:  # optional backend: say why, keep the others
+                report.notes.append(f"openvino could not run the ONNX export: {exc}")
+            else:
+                report.checks.append(Check("openvino", batch, _diff(got, reference)))
     if not report.passed:
         ts_path.unlink(missing_ok=True)
         onnx_path.unlink(missing_ok=True)

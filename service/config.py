@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     registry_root: Path = Field(Path("models"), description="registry folder")
     model_name: str = Field("seednet", description="registry model name to serve")
     model_ref: str = Field("production", description="alias or version number to serve")
-    backend: Literal["torchscript", "onnx", "eager"] = "torchscript"
+    backend: Literal["auto", "torchscript", "onnx", "openvino", "onnx-int8", "eager"] = Field(
+        "auto",
+        description="auto = the fastest verified fp32 backend, measured at load; "
+        "onnx-int8 only when named",
+    )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = GPU if present")
     materialize_exports: bool = Field(
         True, description="build missing TorchScript/ONNX exports at start (verified)"

@@ -7,6 +7,10 @@ Loading has two halves so that nothing touches the device beside a running batch
   missing exports from the weights (CPU work, verified against the golden set);
 - :meth:`ServingModel.load` (the model thread only): opens the backend on the device,
   captures CUDA graphs and warms up.
+
+``backend="auto"`` prepares every verified full-precision export the device can run and
+lets :mod:`service.autoselect` time them at load and keep the fastest; the int8 export
+is never a candidate (it is served only when asked for by name).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import numpy as np
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.device import DeviceError, resolve_device
+from seednet.export import verified_backends
+from seednet.runtimes import openvino_available
+from service.autoselect import AUTO, auto_candidates, open_fastest
 from service.backends import BACKENDS, Backend, ModelLoadError, open_backend
 
 log = logging.getLogger("seednet.serving")
@@ -28,20 +35,27 @@ log = logging.getLogger("seednet.serving")
 
 @dataclass(frozen=True)
 class Prepared:
-    """What :func:`prepare` proved: the verified artefact a backend will open."""
+    """What :func:`prepare` proved: the verified artefact a backend will open.
+
+    With ``backend="auto"``, ``candidates`` holds every verified (backend, artefact)
+    to measure, and ``artefact`` the first of them.
+    """
 
     version: ModelVersion
     backend: str
     artefact: Path
     device: str
+    candidates: tuple[tuple[str, Path], ...] = ()
 
 
 def prepare(
     registry: Registry, mv: ModelVersion, backend: str, device: str, materialize: bool = True
 ) -> Prepared:
     """Verify ``mv`` and make sure the artefact of ``backend`` exists (off the model thread)."""
-    if backend not in BACKENDS:
-        raise ModelLoadError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend not in (*BACKENDS, AUTO):
+        raise ModelLoadError(
+            f"unknown backend {backend!r}; expected {AUTO} or one of {', '.join(BACKENDS)}"
+        )
     try:
         device = resolve_device(device).type
     except DeviceError as exc:
@@ -53,19 +67,63 @@ def prepare(
     log.info("verified %s in %.1fs", mv.ref, time.perf_counter() - t0)
     if backend == "eager":
         return Prepared(mv, backend, weights, device)
-    filename = EXPORT_FILES[backend]
-    if filename not in registry.derived(mv).get("files", {}):
-        if not materialize:
-            raise ModelLoadError(
-                f"{mv.ref} has no {filename}; run `python -m service.registry materialize "
-                f"{mv.ref}` or set SEEDNET_MATERIALIZE_EXPORTS=true"
-            )
+    if backend == "onnx-int8":
+        return Prepared(mv, backend, _int8_artefact(registry, mv), device)
+    if backend in ("openvino", "onnx-int8") and device != "cpu":
+        raise ModelLoadError(
+            f"the {backend} backend runs on the CPU only (it was verified there); "
+            "set SEEDNET_DEVICE=cpu"
+        )
+    if backend == "openvino" and not openvino_available():
+        raise ModelLoadError("the openvino backend needs the openvino package")
+    wanted = auto_candidates(device) if backend == AUTO else [backend]
+    if not set(wanted) <= _checked(registry, mv) and materialize:
         from seednet.export import materialize as build_exports
 
         t0 = time.perf_counter()
         build_exports(registry, mv)
         log.info("exports of %s built and verified in %.1fs", mv.ref, time.perf_counter() - t0)
-    return Prepared(mv, backend, registry.open_verified(mv, filename), device)
+    verified = _verified(registry, mv)
+    ready = [b for b in wanted if b in verified]
+    if not ready:
+        hint = (
+            f"run `python -m service.registry materialize {mv.ref}` or set "
+            "SEEDNET_MATERIALIZE_EXPORTS=true"
+            if not materialize
+            else "its export failed the golden-set check (see exports.json)"
+        )
+        raise ModelLoadError(f"{mv.ref} has no verified {' or '.join(wanted)} export; {hint}")
+    candidates = tuple((b, registry.open_verified(mv, EXPORT_FILES[b])) for b in ready)
+    if backend != AUTO:
+        return Prepared(mv, backend, candidates[0][1], device)
+    return Prepared(mv, AUTO, candidates[0][1], device, candidates)
+
+
+def _checked(registry: Registry, mv: ModelVersion) -> set[str]:
+    """Backends whose export is recorded and was checked (passed or not): no rebuild."""
+    derived = registry.derived(mv)
+    files = derived.get("files", {})
+    checked = {c.get("artefact") for c in derived.get("checks", [])}
+    return {b for b in checked if isinstance(b, str) and EXPORT_FILES.get(b) in files}
+
+
+def _verified(registry: Registry, mv: ModelVersion) -> set[str]:
+    """Backends whose export is recorded and passed its golden-set check."""
+    derived = registry.derived(mv)
+    files = derived.get("files", {})
+    return {b for b in verified_backends(derived) if EXPORT_FILES.get(b) in files}
+
+
+def _int8_artefact(registry: Registry, mv: ModelVersion) -> Path:
+    """The accepted int8 export; built only by `python -m training quantize` (needs data)."""
+    derived = registry.derived(mv)
+    filename = EXPORT_FILES["onnx-int8"]
+    if filename not in derived.get("files", {}) or "int8" not in derived:
+        raise ModelLoadError(
+            f"{mv.ref} has no int8 export; build it (calibration on training images, gated "
+            f"on test accuracy) with `python -m training quantize {mv.ref} --data DIR`"
+        )
+    return registry.open_verified(mv, filename)
 
 
 @dataclass
@@ -90,8 +148,14 @@ class ServingModel:
         mv = prepared.version
         classes = list(mv.manifest.class_names)
         t0 = time.perf_counter()
+        auto: dict | None = None
         try:
-            be = open_backend(prepared.backend, mv, prepared.artefact, prepared.device, cuda_graphs)
+            if prepared.backend == AUTO:
+                be, auto = open_fastest(prepared, cuda_graphs)
+            else:
+                be = open_backend(
+                    prepared.backend, mv, prepared.artefact, prepared.device, cuda_graphs
+                )
             attention_dims: tuple[int, ...] = cls.attention_dims  # (no warm-up: the default)
             for n in warmup_batches:  # first calls allocate and pick kernels: pay it now
                 probs, att = be.run(np.zeros((n, 3, 32, 32), dtype=np.uint8))
@@ -106,6 +170,8 @@ class ServingModel:
             raise ModelLoadError(f"{mv.ref} failed to load on {prepared.device}: {exc}") from exc
         log.info("warmed up %s in %.1fs", mv.ref, time.perf_counter() - t0)
         info = {"name": mv.name, "version": mv.version, "backend": be.name, "device": be.device}
+        if auto is not None:
+            info["auto"] = auto
         return cls(mv, be, classes, info, attention_dims)
 
 
@@ -119,4 +185,6 @@ def load_backend(
 ) -> Backend:
     """Verify and open ``mv`` on the calling thread (tools, benchmarks and tests)."""
     p = prepare(registry, mv, backend, device, materialize)
+    if p.backend == AUTO:
+        return open_fastest(p, cuda_graphs)[0]
     return open_backend(p.backend, mv, p.artefact, p.device, cuda_graphs)

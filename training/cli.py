@@ -1,4 +1,4 @@
-"""`python -m training ...`: train, evaluate, pack-data, export, register."""
+"""`python -m training ...`: train, evaluate, pack-data, export, register, quantize."""
 
 from __future__ import annotations
 
@@ -159,6 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="publish a new version even if one already holds these weights",
     )
+
+    q = sub.add_parser(
+        "quantize",
+        help="build a registry version's int8 export, gated on test accuracy",
+        description="Static int8 quantisation of NAME@VERSION's ONNX export (QDQ, per-channel "
+        "weights), calibrated on training images; fp32 and int8 accuracy on the test set are "
+        "recorded in the version's exports.json, and an int8 export more than --max-drop "
+        "points below fp32 is refused.",
+    )
+    q.add_argument("ref", metavar="NAME@VERSION")
+    q.add_argument("--root", default="models", help="registry root")
+    q.add_argument("--data", default=default_source(), help="JPEG folder or packed file")
+    q.add_argument(
+        "--calibration-per-class",
+        type=_positive,
+        default=30,
+        help="training images per class to calibrate on (default 30: 300 images)",
+    )
+    q.add_argument(
+        "--test-limit-per-class",
+        type=_positive,
+        help="first K test images per class (default: the full test set)",
+    )
+    q.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.5,
+        help="refuse the int8 export when it is more than this many points below fp32",
+    )
     return parser
 
 
@@ -308,6 +337,54 @@ def _register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from registry import Registry
+    from seednet.export import ExportError
+    from seednet.quantize import quantize_version
+    from training.data import load_split
+
+    registry = Registry(Path(args.root))
+    mv = registry.get(args.ref)
+    train = load_split(args.data, "train", args.calibration_per_class)
+    test = load_split(args.data, "test", args.test_limit_per_class)
+    print(
+        f"{mv.ref}: calibrating on {len(train)} training images, evaluating on {len(test)} "
+        f"test images ({test.description.get('source', args.data)})",
+        flush=True,
+    )
+    data = {
+        "calibration": {k: v for k, v in train.description.items() if k != "count"}
+        | {"images": len(train)},
+        "test": {k: v for k, v in test.description.items() if k != "count"} | {"images": len(test)},
+    }
+    try:
+        report = quantize_version(
+            registry,
+            mv,
+            train.images.numpy(),
+            test.images.numpy(),
+            test.labels.numpy(),
+            max_drop_points=args.max_drop,
+            data=_plain_json(data),
+        )
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(report.table())
+    print(f"recorded {mv.path / 'model.int8.onnx'} in exports.json ({report.seconds:.0f} s)")
+    return 0
+
+
+def _plain_json(value):
+    if isinstance(value, dict):
+        return {str(k): _plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_json(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
 COMMANDS = {
     "train": _train,
     "sweep": _sweep,
@@ -315,6 +392,7 @@ COMMANDS = {
     "pack-data": _pack,
     "export": _export,
     "register": _register,
+    "quantize": _quantize,
 }
 
 

@@ -12,6 +12,7 @@ import torch
 
 from registry import IntegrityError, Registry
 from seednet.graph import Normalize
+from seednet.runtimes import openvino_available
 from service.preprocessing import ImageLimits, preprocess
 from tests.conftest import REPO
 from training.data import load_split
@@ -23,7 +24,9 @@ def test_published_exports_passed_parity_checks(served_registry):
     info = reg.derived(mv)
     assert set(info["files"]) == {"model.ts", "model.onnx"}
     checks = {(c["artefact"], c["batch"]) for c in info["checks"]}
-    assert checks == {("torchscript", 1), ("torchscript", 64), ("onnx", 1), ("onnx", 64)}
+    artefacts = ["torchscript", "onnx"] + (["openvino"] if openvino_available() else [])
+    assert checks == {(a, b) for a in artefacts for b in (1, 64)}
+    assert info["verified"] == sorted(artefacts)
     for c in info["checks"]:
         assert max(c["max_abs_diff"].values()) <= 1e-4
     for name in ("model.ts", "model.onnx"):
@@ -40,7 +43,8 @@ def test_export_cli_writes_checked_artefacts(tiny_run, tmp_path):
         timeout=600,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count(" ok") == 4
+    checked = 2 + openvino_available()  # torchscript, onnx (+ openvino), at batch 1 and 64
+    assert r.stdout.count(" ok") == 2 * checked
     assert (tmp_path / "exp" / "model.onnx").exists() and (tmp_path / "exp" / "model.ts").exists()
 
 

@@ -1,0 +1,244 @@
+"""The int8 export: static post-training quantisation of the ONNX export, gated on accuracy.
+
+:func:`quantize_version` takes a registry version whose ``model.onnx`` is verified,
+calibration images (uint8 ``[N, 3, 32, 32]``, from the *training* split: the caller
+loads them, this module never reads a data set) and a labelled test set, and:
+
+1. quantises with ONNX Runtime's tools (``quantize_static``, QDQ format, per-channel
+   int8 weights, uint8 activations, MinMax calibration on the given images);
+2. checks the int8 graph on the version's golden set (it runs, shapes match; the
+   largest difference from the recorded fp32 outputs and the top-1 agreement are
+   recorded: int8 cannot match fp32 within 1e-4, so its gate is accuracy);
+3. measures fp32 (the verified ``model.onnx``) and int8 accuracy on the test set, in
+   the same ONNX Runtime session settings that serve them;
+4. refuses the export (:class:`QuantizationRefused`, with both figures; nothing is
+   written) when int8 is more than ``max_drop`` points below fp32; otherwise records
+   ``model.int8.onnx`` and both accuracies in the version's exports.json.
+
+Calibration and test images come from the caller because a serving host has only the
+registry: the int8 export is built by ``python -m training quantize NAME@VERSION --data
+DIR``, never at start-up, and served only when ``SEEDNET_BACKEND=onnx-int8`` asks for it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from registry import ModelVersion, Registry
+from registry.manifest import EXPORT_FILES, GOLDEN_FILE
+from seednet.export import ExportError
+from seednet.runtimes import ort_run, ort_session
+
+MAX_DROP_POINTS = 0.5  # an int8 export more than this many points below fp32 is refused
+INT8_FILE = EXPORT_FILES["onnx-int8"]
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class QuantizationRefused(ExportError):
+    """The int8 export lost too much accuracy; the message has both figures."""
+
+    code = "int8_refused"
+
+
+@dataclass
+class Int8Report:
+    fp32_accuracy: float
+    int8_accuracy: float
+    test_images: int
+    calibration_images: int
+    golden: dict
+    max_drop_points: float
+    seconds: float
+
+    @property
+    def drop_points(self) -> float:
+        return (self.fp32_accuracy - self.int8_accuracy) * 100
+
+    def table(self) -> str:
+        return "\n".join(
+            [
+                f"{'export':<18}{'test accuracy':>14}   ({self.test_images} test images)",
+                f"{'model.onnx fp32':<18}{self.fp32_accuracy * 100:>13.2f}%",
+                f"{'model.int8.onnx':<18}{self.int8_accuracy * 100:>13.2f}%",
+                f"drop {self.drop_points:+.2f} points (limit {self.max_drop_points:.2f}); "
+                f"golden set: top-1 agreement {self.golden['top1_agreement'] * 100:.1f}%, "
+                f"max abs diff probabilities {self.golden['max_abs_diff']['probabilities']:.3f}",
+            ]
+        )
+
+
+class _Calibration:
+    """ONNX Runtime's CalibrationDataReader over a uint8 array, in small batches."""
+
+    def __init__(self, images: np.ndarray, batch: int = 32) -> None:
+        self._batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
+
+    def get_next(self) -> dict | None:
+        x = next(self._batches, None)
+        return None if x is None else {"images": np.ascontiguousarray(x)}
+
+    def rewind(self) -> None:  # pragma: no cover - only some calibrators call it
+        raise NotImplementedError
+
+
+# Ops that only reshape or normalise what they are given: between the last compute op
+# and an output they stay float, so the outputs are not rounded to uint8 steps.
+_TAIL_OPS = {"Softmax", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Identity"}
+
+
+def float_tail(model) -> list[str]:
+    """Nodes kept in float: every Softmax (probabilities and the attention weights, so
+    they still sum to 1) and the shape-only ops between them and the graph outputs."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    keep = {node.name for node in model.graph.node if node.op_type == "Softmax"}
+    todo, seen = [o.name for o in model.graph.output], set()
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in seen or node.op_type not in _TAIL_OPS:
+            continue
+        seen.add(node.name)
+        keep.add(node.name)
+        if node.op_type != "Softmax":  # a softmax's input is a compute op's output
+            todo += list(node.input)
+    return sorted(keep)
+
+
+def quantize_onnx(src: Path, dest: Path, calibration: np.ndarray) -> None:
+    """Static QDQ quantisation of ``src``: per-channel int8 weights, uint8 activations;
+    the softmax outputs (probabilities, attention) stay float (:func:`float_tail`)."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _check_images(calibration, "calibration")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Shape inference and graph fusions first, as ONNX Runtime's docs recommend.
+        quant_pre_process(str(src), str(prepared))
+        import onnx
+
+        keep_float = float_tail(onnx.load(str(prepared)))
+        quantize_static(
+            str(prepared),
+            str(dest),
+            _Calibration(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=keep_float,
+        )
+
+
+def accuracy(run: Runner, images: np.ndarray, labels: np.ndarray, batch: int = 250) -> float:
+    """Top-1 accuracy (fraction) of ``run`` on uint8 ``images``."""
+    correct = 0
+    for i in range(0, len(images), batch):
+        probs, _ = run(np.ascontiguousarray(images[i : i + batch]))
+        correct += int((probs.argmax(1) == labels[i : i + batch]).sum())
+    return correct / len(images)
+
+
+def _check_images(images: np.ndarray, what: str) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, 32, 32):
+        raise ExportError(
+            f"{what} images must be uint8 [N, 3, 32, 32], got {images.dtype} {images.shape}"
+        )
+    if len(images) == 0:
+        raise ExportError(f"no {what} images")
+
+
+def _golden_check(run: Runner, golden: dict[str, np.ndarray]) -> dict:
+    probs, att = run(golden["images"])
+    if probs.shape != golden["probabilities"].shape or att.shape != golden["attention"].shape:
+        raise ExportError(f"int8 output shapes {probs.shape}, {att.shape} differ from fp32")
+    return {
+        "images": len(golden["images"]),
+        "top1_agreement": float((probs.argmax(1) == golden["probabilities"].argmax(1)).mean()),
+        "max_abs_diff": {
+            "probabilities": float(np.abs(probs - golden["probabilities"]).max()),
+            "attention": float(np.abs(att - golden["attention"]).max()),
+        },
+    }
+
+
+def quantize_version(
+    registry: Registry,
+    mv: ModelVersion,
+    calibration: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    max_drop_points: float = MAX_DROP_POINTS,
+    data: dict | None = None,
+    threads: int | None = None,
+) -> Int8Report:
+    """Build, check and gate ``model.int8.onnx`` for ``mv``; record it when accepted.
+
+    ``data`` describes where the calibration and test images came from (recorded).
+    """
+    t0 = time.perf_counter()
+    _check_images(test_images, "test")
+    fp32_path = registry.open_verified(mv, EXPORT_FILES["onnx"])
+    golden = load_file(str(registry.open_verified(mv, GOLDEN_FILE)))
+    labels = np.asarray(test_labels)
+    with tempfile.TemporaryDirectory() as tmp:
+        int8_path = Path(tmp) / INT8_FILE
+        quantize_onnx(fp32_path, int8_path, calibration)
+        int8 = ort_session(int8_path, "cpu", threads)
+        fp32 = ort_session(fp32_path, "cpu", threads)
+        golden_check = _golden_check(lambda x: ort_run(int8, x), golden)
+        acc_fp32 = accuracy(lambda x: ort_run(fp32, x), test_images, labels)
+        acc_int8 = accuracy(lambda x: ort_run(int8, x), test_images, labels)
+        report = Int8Report(
+            fp32_accuracy=acc_fp32,
+            int8_accuracy=acc_int8,
+            test_images=len(test_images),
+            calibration_images=len(calibration),
+            golden=golden_check,
+            max_drop_points=max_drop_points,
+            seconds=time.perf_counter() - t0,
+        )
+        if report.drop_points > max_drop_points:
+            raise QuantizationRefused(
+                f"{mv.ref}: int8 export refused: test accuracy {acc_int8 * 100:.2f}% vs fp32 "
+                f"{acc_fp32 * 100:.2f}% on {len(test_images)} images, "
+                f"{report.drop_points:.2f} points lower (limit {max_drop_points:.2f})"
+            )
+        recorded = registry.derived(mv).get("accuracy", {})
+        measured = {"test_images": len(test_images), "data": data or {}}
+        info = {
+            "accuracy": {
+                **recorded,
+                "onnx": {**measured, "accuracy": acc_fp32},
+                "onnx-int8": {**measured, "accuracy": acc_int8},
+            },
+            "int8": {
+                "tool": "onnxruntime.quantization.quantize_static",
+                "format": "QDQ",
+                "weights": "int8, per channel",
+                "activations": "uint8, per tensor",
+                "calibration": "MinMax",
+                "calibration_images": len(calibration),
+                "data": data or {},
+                "golden": golden_check,
+                "max_drop_points": max_drop_points,
+                "drop_points": report.drop_points,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+        registry.add_derived(mv, {INT8_FILE: int8_path}, info)
+    return report
