@@ -122,6 +122,7 @@ def test_two_workers_share_one_metrics_view_and_follow_a_promote(served_registry
             "SEEDNET_MODEL_NAME": "tiny",
             "SEEDNET_DEVICE": "cpu",
             "SEEDNET_WORKERS": "2",
+            "SEEDNET_BACKEND": "torchscript",
             "SEEDNET_ALIAS_POLL_S": "0.5",
             "SEEDNET_ADMIN_TOKEN": "t",
             "SEEDNET_ACCESS_LOG": "false",

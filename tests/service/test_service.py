@@ -452,7 +452,11 @@ def test_promote_during_load_swaps_to_the_new_weights_with_no_failed_request(
     shutil.copytree(served_registry, root)
     files = golden_pngs(golden_1, 1)
     with LiveServer(
-        registry_root=root, model_name="tiny", device="cpu", admin_token=ADMIN_TOKEN
+        registry_root=root,
+        model_name="tiny",
+        device="cpu",
+        backend="torchscript",  # the expected numbers below are TorchScript's
+        admin_token=ADMIN_TOKEN,
     ) as srv:
         # what each version answers for this image, from models loaded outside the server
         from service.serving import load_backend
