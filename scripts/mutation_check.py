@@ -122,8 +122,8 @@ MUTANTS = [
         "crop-returns-input",
         "random_crop hands back the image unshifted",
         "training/data.py",
-        '    size, per image: a random translation by up to ``padding`` pixels each way."""',
-        '    size, per image: a random translation by up to ``padding`` pixels each way."""'
+        '    The reflection is an index map into the image itself (any dtype, any device)."""',
+        '    The reflection is an index map into the image itself (any dtype, any device)."""'
         "\n    return x",
         ("tests/training/test_data.py",),
     ),

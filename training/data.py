@@ -272,24 +272,32 @@ class Augmentation:
         return x
 
 
+def _reflect(index: Tensor, size: int) -> Tensor:
+    """Indices of a reflection about the border without repeating it (numpy's "reflect"):
+    -1 -> 1, size -> size - 2."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
 def random_crop(
     x: Tensor, padding: int, generator: torch.Generator, pad_mode: str = "zeros"
 ) -> Tensor:
     """Pad by ``padding`` (zeros or a reflection) and take a random crop of the original
-    size, per image: a random translation by up to ``padding`` pixels each way."""
-    n, _, h, w = x.shape
-    if pad_mode == "zeros":
-        padded = torch.nn.functional.pad(x, (padding,) * 4)
-    elif pad_mode == "reflect":
-        padded = torch.nn.functional.pad(x, (padding,) * 4, mode="reflect")
-    else:
+    size, per image: a random translation by up to ``padding`` pixels each way.
+
+    The reflection is an index map into the image itself (any dtype, any device)."""
+    if pad_mode not in ("zeros", "reflect"):
         raise ValueError(f"unknown pad_mode {pad_mode!r}")
+    n, _, h, w = x.shape
     dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
     dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    if pad_mode == "reflect":
+        return x[batch, chans, _reflect(rows - padding, h), _reflect(cols - padding, w)]
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
     return padded[batch, chans, rows, cols]
 
 

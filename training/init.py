@@ -128,7 +128,9 @@ def whitening_init_(
     if any(c.weight.shape != conv.weight.shape for c in convs):
         raise ValueError("whitening_init_ needs the first block's branches to share a shape")
     kernel = conv.kernel_size
-    cov = patch_covariance(images, kernel)
+    # the d x d eigenproblem and the rotations (CPU generator) on the CPU, whatever the
+    # device of the images
+    cov = patch_covariance(images, kernel).cpu()
     w = whitening_filters(cov, eps)
     d = w.shape[0]
     m = min(d, conv.out_channels // 2)

@@ -174,7 +174,7 @@ def _final_epochs(plan: SweepPlan, state: SweepState, chosen_variants: list[str]
     init = max(r["init_seconds"] for r in relevant)
     epochs = math.floor((plan.run_budget - overhead - init) / per_epoch)
     state.notes.append(
-        f"final length: {per_epoch:.2f} s per epoch, first-run overhead (compilation) "
+        f"final length: {per_epoch:.2f} s per epoch, first-run overhead (compilation, warm-up) "
         f"{overhead:.1f} s, init {init:.1f} s -> {max(1, epochs)} epochs in "
         f"{plan.run_budget:.0f} s"
     )
