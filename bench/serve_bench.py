@@ -5,6 +5,7 @@
                                 [--duration 10] [--warmup 2] [--requests N]
                                 [--images ../shared/cifar10/test] [--metrics]
                                 [--label "batching on"] [--json out.json] [--fail-on-error]
+                                [--latencies] [--image-offset N]
 
 Runs one scenario per (kind, concurrency) pair, closed loop: ``concurrency`` workers share
 one ``httpx.AsyncClient`` and each sends its next request as soon as the previous one is
@@ -23,7 +24,9 @@ non-2xx status, or a 2xx whose ``predictions`` list does not have one entry per 
 of successful requests in ms (``time.perf_counter`` around the awaited request). With
 ``--metrics`` the service's ``/metrics`` is read before and after the measured window and
 the mean server-side batch size (``seednet_batch_size`` histogram, delta sum / delta count)
-is shown.
+is shown. ``--latencies`` adds every successful request's latency to the JSON rows, so
+that several load generators run side by side (bench/gpu_serving.py) merge into exact
+percentiles; ``--image-offset`` lets each of them start at another JPEG.
 
 Only loopback targets (127.0.0.0/8, ::1, localhost) are accepted unless ``--allow-remote``
 is given: this is a tool for benchmarking one's own service.
@@ -209,6 +212,9 @@ class Row:
     p99_ms: float
     mean_batch_size: float | None = None
     error_kinds: dict[str, int] = field(default_factory=dict)
+    #: every successful request's latency, sorted (only with ``--latencies``: lets a caller
+    #: merge several load generators' results into exact percentiles)
+    latencies_ms: list[float] | None = None
 
 
 @dataclass
@@ -233,11 +239,13 @@ class Bench:
         images: list[tuple[str, bytes]],
         endpoint: str,
         multi_endpoint: str,
+        keep_latencies: bool = False,
     ) -> None:
         self.client = client
         self.images = images
         self.endpoint = endpoint
         self.multi_endpoint = multi_endpoint
+        self.keep_latencies = keep_latencies
         self._next_image = 0
 
     def _take(self, n: int) -> list[tuple[str, bytes]]:
@@ -354,6 +362,7 @@ class Bench:
             p99_ms=percentile(latencies, 99),
             mean_batch_size=mean_batch,
             error_kinds=dict(errors.most_common(MAX_ERROR_KINDS)),
+            latencies_ms=latencies if self.keep_latencies else None,
         )
 
 
@@ -474,6 +483,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", action="store_true", help="report mean batch size from /metrics")
     p.add_argument("--label", help="value of a label column (e.g. 'batching on')")
     p.add_argument("--json", type=Path, help="write the rows (and the header) as JSON")
+    p.add_argument(
+        "--latencies", action="store_true", help="with --json: every request's latency too"
+    )
+    p.add_argument(
+        "--image-offset", type=int, default=0, help="start cycling the JPEGs at this index"
+    )
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
     return p
 
@@ -489,7 +504,10 @@ async def _run(
     async with httpx.AsyncClient(
         base_url=args.url, limits=limits, timeout=timeout, trust_env=False
     ) as client:
-        bench = Bench(client, images, args.endpoint, args.multi_endpoint or args.endpoint)
+        bench = Bench(
+            client, images, args.endpoint, args.multi_endpoint or args.endpoint, args.latencies
+        )
+        bench._next_image = args.image_offset % len(images)
         model: str | None = None
         try:
             response = await client.get("/models", timeout=5.0)

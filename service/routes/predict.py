@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic_core
 from fastapi import APIRouter, Query, Request, Response
 from PIL import Image
 from pydantic import BaseModel, Field
@@ -126,11 +127,10 @@ async def predict(
     stage("decode", time.perf_counter() - t1)
     (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
     t2 = time.perf_counter()
-    body = build_response(model, uploads, prepared, probs, attention, top_k, include_input)
-    # Built from validated parts already: send the JSON as it is (no second validation).
-    response = Response(body.model_dump_json().encode(), media_type="application/json")
+    payload = build_response(model, uploads, prepared, probs, attention, top_k, include_input)
+    body = render_json(payload)
     stage("serialise", time.perf_counter() - t2)
-    return response
+    return Response(body, media_type="application/json")  # (FastAPI skips response_model)
 
 
 def build_response(
@@ -141,28 +141,37 @@ def build_response(
     attention: np.ndarray,
     top_k: int,
     include_input: bool,
-) -> PredictResponse:
-    """One prediction per image, labelled by the model that computed it."""
+) -> dict[str, Any]:
+    """One prediction per image, labelled by the model that computed it, as plain data in
+    the shape (and key order) of :class:`PredictResponse`.
+
+    Not built model by model: 64 predictions cost ~4.5 ms that way (~700 pydantic objects,
+    and the garbage collector runs they cause), more than a GPU forward pass of the batch.
+    """
     classes = model.class_names
+    # the same sort as np.argsort(-row) on each row, in one call; .tolist() gives the very
+    # floats float(np.float32) gives, without a Python call per number
+    orders = np.argsort(-probs, axis=1)[:, :top_k].tolist()
+    rows = probs.tolist()
+    blocks = attention.tolist()
     predictions = []
-    for i, (upload, p) in enumerate(zip(uploads, prepared, strict=True)):
-        row = probs[i]
-        order = np.argsort(-row)
+    for upload, p, row, order, att in zip(uploads, prepared, rows, orders, blocks, strict=True):
         predictions.append(
-            Prediction(
-                filename=upload.filename,
-                label=classes[int(order[0])],
-                confidence=float(row[order[0]]),
-                probabilities={c: float(v) for c, v in zip(classes, row, strict=True)},
-                top_k=[
-                    TopK(label=classes[int(j)], probability=float(row[j])) for j in order[:top_k]
-                ],
-                attention=[
-                    BlockAttention(block=b + 1, weights=[float(w) for w in attention[i, b]])
-                    for b in range(attention.shape[1])
-                ],
-                original_size=p.original_size,
-                model_input=_png_data_url(p.array) if include_input else None,
-            )
+            {
+                "filename": upload.filename,
+                "label": classes[order[0]],
+                "confidence": row[order[0]],
+                "probabilities": dict(zip(classes, row, strict=True)),
+                "top_k": [{"label": classes[j], "probability": row[j]} for j in order],
+                "attention": [{"block": b, "weights": w} for b, w in enumerate(att, start=1)],
+                "original_size": p.original_size,
+                "model_input": _png_data_url(p.array) if include_input else None,
+            }
         )
-    return PredictResponse(model=ModelRef(**model.info), predictions=predictions)
+    return {"model": {k: model.info[k] for k in ModelRef.model_fields}, "predictions": predictions}
+
+
+def render_json(payload: dict[str, Any]) -> bytes:
+    """The bytes FastAPI would send for ``PredictResponse(**payload)`` (pydantic-core's
+    serialiser, NaN as null), without building the models."""
+    return pydantic_core.to_json(payload, inf_nan_mode="null")
