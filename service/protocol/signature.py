@@ -23,18 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-CIFAR10_LABELS: tuple[str, ...] = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+from seednet.constants import CIFAR10_CLASSES as CIFAR10_LABELS  # no torch: constants only
 
 
 @dataclass(frozen=True)
