@@ -100,8 +100,8 @@ USER seednet
 # commands print "no models in ..." and succeed); the service then needs a model in the
 # mounted volume (it exits at start-up when SEEDNET_MODEL_REF does not resolve).
 RUN rm -f /app/models/pyproject.toml \
-    && python -m service.registry --root /app/models materialize \
-    && python -m service.registry --root /app/models verify
+    && python -m service.registry_cli --root /app/models materialize \
+    && python -m service.registry_cli --root /app/models verify
 
 # 8000: HTTP (/predict, /v2 inference protocol...); 8001: gRPC (KServe v2 / Triton clients).
 EXPOSE 8000 8001

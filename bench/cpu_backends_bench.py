@@ -17,7 +17,7 @@ version's exports.json records (full test set), not measured here. The 1-, 5- an
 15-minute load averages are printed before and after: other processes on the machine
 show up there.
 
-Needs the version's exports: ``python -m service.registry materialize seednet@1``.
+Needs the version's exports: ``python -m service.registry_cli materialize seednet@1``.
 """
 
 from __future__ import annotations

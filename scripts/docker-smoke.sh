@@ -173,7 +173,7 @@ export SEEDNET_DEVICE=cpu
 COMPOSE_UP=1   # from here on the trap runs `compose down -v`
 log "materialising + verifying exports in the mounted registry (as the container user)"
 if compose run --rm --no-deps -T "$SERVICE" \
-        sh -c 'python -m service.registry --root /app/models materialize && python -m service.registry --root /app/models verify' \
+        sh -c 'python -m service.registry_cli --root /app/models materialize && python -m service.registry_cli --root /app/models verify' \
         >"$WORK/materialize.log" 2>&1; then
     pass "registry materialize + verify in the container ($(grep -c '^OK ' "$WORK/materialize.log") version(s) OK)"
 else

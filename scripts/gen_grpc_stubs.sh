@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the Python gRPC stubs of the Open Inference Protocol from
-# service/protocol/proto/grpc_predict_v2.proto. The generated files are committed:
+# service/frontends/oip/codec/proto/grpc_predict_v2.proto. The generated files are committed:
 # nothing is generated at run time. Needs grpcio-tools (a dev dependency); the
 # stubs then need protobuf and grpcio at run time, at least the versions that
 # generated them (the modules check this on import).
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
-OUT=service/protocol
+OUT=service/frontends/oip/codec
 PROTO_DIR=$OUT/proto
 
 "$PYTHON" -m grpc_tools.protoc -I "$PROTO_DIR" \

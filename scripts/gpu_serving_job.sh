@@ -155,7 +155,7 @@ echo "$TESTS"
 
 step "models/seednet@1 exports (a first start builds them; timed)"
 t=$(date +%s)
-timeout 150 "$PY" -m service.registry materialize seednet@1 2>&1 | grep -v -i "warn" | tail -4
+timeout 150 "$PY" -m service.registry_cli materialize seednet@1 2>&1 | grep -v -i "warn" | tail -4
 EXPORTS="models/seednet@1 exports (TorchScript + ONNX, verified) built in $(( $(date +%s) - t )) s"
 echo "$EXPORTS"
 

@@ -15,9 +15,9 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from service.frontends.http.server import uvicorn_config, uvicorn_options
 from service.logging_setup import configure_logging
 from service.metrics import MULTIPROC_ENV
-from service.server import uvicorn_config, uvicorn_options
 
 
 def main() -> None:

@@ -21,21 +21,22 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from registry import Registry
-from service.batching import Batcher, BatchStats
 from service.config import Settings
-from service.decoding import DecodePool
-from service.deps import require_model
+from service.dataplane.batching import Batcher, BatchStats
+from service.dataplane.decoding import DecodePool
+from service.dataplane.images import ImageLimits
 from service.errors import install_error_handlers
-from service.grpc_server import start_grpc_server, stop_grpc_server
+from service.frontends.api import attention, health, models, predict
+from service.frontends.api.docs import install_docs
+from service.frontends.http.deps import require_model
+from service.frontends.http.metrics_middleware import install_request_metrics
+from service.frontends.http.security import SecurityHeadersMiddleware
+from service.frontends.oip import v2
+from service.frontends.oip.grpc import start_grpc_server, stop_grpc_server
 from service.metrics import Metrics
-from service.preprocessing import ImageLimits
-from service.routes import attention, health, models, predict, v2
-from service.routes.docs import install_docs
-from service.routes.observability import install_request_metrics
-from service.security import SecurityHeadersMiddleware
 from service.state import ServiceState
 
-PACKAGE_DIR = Path(__file__).parent
+PAGE_DIR = Path(__file__).parent / "frontends" / "api"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -106,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.service = state
-    app.state.templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
+    app.state.templates = Jinja2Templates(directory=str(PAGE_DIR / "templates"))
     # Middleware order, innermost first: the catch-all 500 (installed with the error
     # handlers), request metrics (so they count that 500), security headers (on all).
     install_error_handlers(app)
@@ -116,14 +117,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (predict, attention, models, health, v2):
         app.include_router(module.router)
     install_docs(app)
-    app.mount("/static", StaticFiles(directory=str(PACKAGE_DIR / "static")), name="static")
+    app.mount("/static", StaticFiles(directory=str(PAGE_DIR / "static")), name="static")
     return app
 
 
 def app_from_environment() -> FastAPI:
     """What each worker process runs (``uvicorn --factory``): settings from SEEDNET_*."""
+    from service.frontends.http.server import worker_protocol_class
     from service.logging_setup import configure_logging
-    from service.server import worker_protocol_class
 
     settings = Settings()
     configure_logging(settings)

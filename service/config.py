@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, gt=0, description="bytes per request body (multipart framing included)"
     )
-    # 4096 x 4096: why this number is in service.preprocessing.ImageLimits
+    # 4096 x 4096: why this number is in service.dataplane.images.ImageLimits
     max_image_pixels: int = Field(4096 * 4096, gt=0, description="width x height per image")
     max_request_pixels: int = Field(
         2 * 4096 * 4096, gt=0, description="decoded pixels per request, summed over its images"
@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     )
 
     # Slow clients. uvicorn's own settings where it has one; the header and body
-    # deadlines are the service's (service.server, service.uploads).
+    # deadlines are the service's (service.frontends.http.server, service.frontends.http.bodies).
     timeout_headers: float = Field(
         10.0, gt=0, description="seconds for a request line + headers to arrive"
     )

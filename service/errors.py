@@ -31,9 +31,9 @@ from registry.errors import (
     StorageError,
 )
 from seednet.export import ExportError
-from service.backends import ModelLoadError
-from service.batching import DeadlineExceeded, Overloaded
-from service.preprocessing import (
+from service.dataplane.backends import ModelLoadError
+from service.dataplane.batching import DeadlineExceeded, Overloaded
+from service.dataplane.images import (
     CorruptImageError,
     EmptyFileError,
     FileTooLargeError,

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from registry import Registry
-from service.batching import Batcher
 from service.config import Settings
-from service.decoding import DecodePool
+from service.dataplane.batching import Batcher
+from service.dataplane.decoding import DecodePool
+from service.dataplane.images import ImageLimits
+from service.lifecycle.prepare import ServingModel, prepare
 from service.metrics import Metrics
-from service.preprocessing import ImageLimits
-from service.serving import ServingModel, prepare
 
 log = logging.getLogger("seednet.state")
 
@@ -32,7 +32,7 @@ class ServiceState:
     decoder: DecodePool | None = None
     swap_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     started: float = field(default_factory=time.time)
-    #: The port the gRPC server listens on (None: not started); see service.grpc_server.
+    #: The port the gRPC server listens on (None: not started); see service.frontends.oip.grpc.
     grpc_port: int | None = None
 
     @property

@@ -168,7 +168,7 @@ class LiveServer:
     def __init__(self, **overrides) -> None:
         from service.app import create_app
         from service.config import Settings
-        from service.server import uvicorn_config
+        from service.frontends.http.server import uvicorn_config
 
         self.sock = bound_socket()
         self.port = self.sock.getsockname()[1]

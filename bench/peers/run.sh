@@ -181,7 +181,7 @@ export_model() {
     log "exporting $MODEL_NAME@$MODEL_VERSION to TorchScript with the project's code ($PROJECT_PY)"
     # The registry CLI is moving; try the new module first, the stable alias second.
     local mod
-    for mod in registry.cli service.registry; do
+    for mod in registry.cli service.registry_cli; do
         if "$PROJECT_PY" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('$mod') else 1)" 2>/dev/null \
             && "$PROJECT_PY" -m "$mod" --root models materialize "$MODEL_NAME@$MODEL_VERSION" >"$LOGS/export.log" 2>&1; then
             log "materialized with python -m $mod"

@@ -20,18 +20,18 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
-from service.protocol import grpc_predict_v2_pb2 as pb
-from service.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.protocol.errors import ProtocolError
-from service.protocol.grpc_codec import (
+from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
+from service.frontends.oip.codec import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.grpc_codec import (
     build_grpc_response,
     model_config_response,
     model_metadata_response,
     parse_grpc_request,
     server_metadata_response,
 )
-from service.protocol.metadata import model_config, model_metadata, server_metadata
-from service.protocol.signature import CIFAR10_LABELS
+from service.frontends.oip.codec.metadata import model_config, model_metadata, server_metadata
+from service.frontends.oip.codec.signature import CIFAR10_LABELS
 
 FILES = [b"\xff\xd8\xff\xe0 a jpeg \x00\x00", b"\x89PNG\r\n\x1a\n\x00 a png"]
 

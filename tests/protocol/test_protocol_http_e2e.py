@@ -17,9 +17,9 @@ import tritonclient.http as httpclient
 from oip_helpers import MAX_BATCH, images
 from tritonclient.utils import InferenceServerException
 
-from service.protocol.errors import ProtocolError
-from service.protocol.metadata import model_config, model_metadata, server_metadata
-from service.protocol.rest import (
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.metadata import model_config, model_metadata, server_metadata
+from service.frontends.oip.codec.rest import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     build_rest_response,
     error_body,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import deserialize_bytes_tensor
 
-from service.protocol.metadata import (
+from service.frontends.oip.codec.metadata import (
     EXTENSIONS,
     config_data_type,
     model_config,
@@ -17,7 +17,7 @@ from service.protocol.metadata import (
     server_metadata,
     triton_platform,
 )
-from service.protocol.signature import SEEDNET, seednet_signature
+from service.frontends.oip.codec.signature import SEEDNET, seednet_signature
 
 
 def test_server_metadata():

@@ -9,16 +9,16 @@ import pytest
 import tritonclient.http as httpclient
 from oip_helpers import MAX_BATCH, http_body, http_input, images, model_results
 
-from service.protocol.errors import ProtocolError
-from service.protocol.rest import (
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.rest import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     build_rest_response,
     error_body,
     parse_header_length,
     parse_rest_request,
 )
-from service.protocol.signature import CIFAR10_LABELS
-from service.protocol.tensors import serialize_bytes
+from service.frontends.oip.codec.signature import CIFAR10_LABELS
+from service.frontends.oip.codec.tensors import serialize_bytes
 
 FILES = [b"\xff\xd8\xff\xe0 a jpeg \x00\x00", b"\x89PNG\r\n\x1a\n\x00 a png", b""]
 

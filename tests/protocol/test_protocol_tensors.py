@@ -11,8 +11,8 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
-from service.protocol.errors import ProtocolError
-from service.protocol.tensors import (
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.tensors import (
     NUMPY_DTYPES,
     byte_size,
     datatype_of,

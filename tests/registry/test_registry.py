@@ -55,7 +55,7 @@ def _flip_byte(path: Path, offset: int = 3) -> None:
 
 def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.registry", "--root", str(root), *args],
+        [sys.executable, "-m", "service.registry_cli", "--root", str(root), *args],
         cwd=REPO,
         capture_output=True,
         text=True,

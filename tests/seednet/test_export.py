@@ -13,7 +13,7 @@ import torch
 from registry import IntegrityError, Registry
 from seednet.graph import Normalize
 from seednet.runtimes import openvino_available
-from service.preprocessing import ImageLimits, preprocess
+from service.dataplane.images import ImageLimits, preprocess
 from tests.conftest import REPO
 from training.data import load_split
 
@@ -92,7 +92,7 @@ def test_served_graph_matches_eager_preprocessing_and_model_on_real_jpegs(
 def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, filename, backend):
     import shutil
 
-    from service.serving import load_backend
+    from service.lifecycle.prepare import load_backend
 
     root = tmp_path / "reg"
     shutil.copytree(served_registry, root)
@@ -107,7 +107,7 @@ def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, file
     with pytest.raises(IntegrityError, match=filename):
         load_backend(reg, mv, backend, "cpu")
     r = subprocess.run(
-        [sys.executable, "-m", "service.registry", "--root", str(root), "verify"],
+        [sys.executable, "-m", "service.registry_cli", "--root", str(root), "verify"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -124,7 +124,15 @@ def test_materialize_rebuilds_missing_exports(served_registry, tmp_path):
     for f in ("model.ts", "model.onnx", "exports.json"):
         (root / "tiny" / "2" / f).unlink()
     r = subprocess.run(
-        [sys.executable, "-m", "service.registry", "--root", str(root), "materialize", "tiny@2"],
+        [
+            sys.executable,
+            "-m",
+            "service.registry_cli",
+            "--root",
+            str(root),
+            "materialize",
+            "tiny@2",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ import pytest
 
 from registry import Registry
 from seednet.quantize import QuantizationRefused, quantize_version
-from service.backends import ModelLoadError
-from service.serving import load_backend, prepare
+from service.dataplane.backends import ModelLoadError
+from service.lifecycle.prepare import load_backend, prepare
 from tests.conftest import REPO
 from training.data import load_split
 

@@ -9,8 +9,8 @@ from safetensors.numpy import load_file
 from registry import Registry
 from seednet.export import verified_backends
 from seednet.runtimes import OpenVinoModel, openvino_available, ort_run, ort_session
-from service.backends import BACKENDS
-from service.serving import load_backend
+from service.dataplane.backends import BACKENDS
+from service.lifecycle.prepare import load_backend
 
 TOLERANCE = 1e-4
 

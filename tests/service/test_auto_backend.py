@@ -14,9 +14,9 @@ from safetensors.numpy import load_file
 
 from registry import Registry
 from service import autoselect
-from service.backends import FP32_BACKENDS
 from service.config import Settings
-from service.serving import ServingModel, load_backend, prepare
+from service.dataplane.backends import FP32_BACKENDS
+from service.lifecycle.prepare import ServingModel, load_backend, prepare
 from tests.conftest import LiveServer
 
 

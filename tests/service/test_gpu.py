@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from registry import Registry
-from service.serving import load_backend
+from service.lifecycle.prepare import load_backend
 
 pytestmark = [
     pytest.mark.gpu,

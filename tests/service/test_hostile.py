@@ -408,7 +408,7 @@ def test_an_altered_manifest_is_never_served(served_registry, tmp_path) -> None:
         manifest = root / "tiny" / v / "manifest.json"
         manifest.write_bytes(manifest.read_bytes().replace(b'"cat"', b'"cot"', 1))
     out = subprocess.run(
-        [sys.executable, "-m", "service.registry", "--root", str(root), "verify"],
+        [sys.executable, "-m", "service.registry_cli", "--root", str(root), "verify"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -562,7 +562,7 @@ def test_a_corrupt_alias_file_keeps_the_model_serving_and_the_cli_repairs_it(
         ):
             err = assert_error(r, 503, "registry_corrupt")
             assert "tiny/aliases.json" in err["message"] and "repair tiny" in err["message"]
-        cli = [sys.executable, "-m", "service.registry", "--root", str(root)]
+        cli = [sys.executable, "-m", "service.registry_cli", "--root", str(root)]
         verify = subprocess.run([*cli, "verify"], cwd=REPO, capture_output=True, text=True)
         assert verify.returncode == 1 and "FAIL tiny: tiny/aliases.json" in verify.stdout
         assert "Traceback" not in verify.stderr
@@ -661,7 +661,7 @@ def test_a_stalled_upload_is_cut_off_while_others_are_served(hostile) -> None:
 def test_the_header_deadline_holds_on_uvicorns_h11_implementation_too(
     served_registry, tmp_path
 ) -> None:
-    from service.server import protocol_class
+    from service.frontends.http.server import protocol_class
 
     srv = serve(copy_registry(served_registry, tmp_path), timeout_headers=1.0)
     srv.server.config.http = protocol_class(srv.settings, "h11")  # read when it starts

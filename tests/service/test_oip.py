@@ -563,7 +563,7 @@ def test_predict_rest_v2_and_grpc_batch_together_and_are_counted_by_protocol(
 
 @pytest.mark.slow
 def test_body_and_message_limits_follow_the_byte_limits(served_registry):
-    from service.oip import max_request_bytes
+    from service.frontends.oip.common import max_request_bytes
 
     with LiveServer(
         registry_root=served_registry,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from service.preprocessing import PreparedImage
-from service.routes.predict import PredictResponse, build_response, render_json
-from service.uploads import Upload
+from service.dataplane.images import PreparedImage
+from service.frontends.api.predict import PredictResponse, build_response, render_json
+from service.frontends.http.bodies import Upload
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MODEL = SimpleNamespace(

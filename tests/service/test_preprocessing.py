@@ -1,4 +1,4 @@
-"""Tests for service.preprocessing, driven by real files from tests/image_factory.py."""
+"""Tests for service.dataplane.images, driven by real files from tests/image_factory.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from service.errors import http_status
-from service.preprocessing import (
+from service.dataplane.images import (
     CorruptImageError,
     EmptyFileError,
     FileTooLargeError,
@@ -29,6 +28,7 @@ from service.preprocessing import (
     to_model_input,
     to_rgb,
 )
+from service.errors import http_status
 from tests import image_factory as make
 
 LIMITS = ImageLimits()
@@ -324,7 +324,7 @@ def test_module_does_not_change_pillow_globals_on_import() -> None:
     code = (
         "from PIL import Image, ImageFile\n"
         "before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES)\n"
-        "import service.preprocessing\n"
+        "import service.dataplane.images\n"
         "assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == before\n"
     )
     root = Path(__file__).resolve().parents[2]

@@ -459,7 +459,7 @@ def test_promote_during_load_swaps_to_the_new_weights_with_no_failed_request(
         admin_token=ADMIN_TOKEN,
     ) as srv:
         # what each version answers for this image, from models loaded outside the server
-        from service.serving import load_backend
+        from service.lifecycle.prepare import load_backend
 
         reg = Registry(root)
         expected = {

@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from service.deps import Admin, RegistryDep, State
-from service.uploads import ADMIN_BODY_BYTES, read_admin_json
+from service.frontends.http.bodies import ADMIN_BODY_BYTES, read_admin_json
+from service.frontends.http.deps import Admin, RegistryDep, State
 
 router = APIRouter(tags=["models"])
 

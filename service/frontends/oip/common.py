@@ -1,6 +1,6 @@
 """What the two inference-protocol front ends (REST ``/v2`` and gRPC) share.
 
-``service.protocol`` turns wire data into an ``InferRequest`` and back; this module
+``service.frontends.oip.codec`` turns wire data into an ``InferRequest`` and back; this module
 is the service side of it: which model a name and version mean, the metadata and
 config documents, running a request through the same preprocessing and batcher as
 ``/predict``, the request-size limit, and the one table from an error to a status
@@ -23,21 +23,21 @@ import numpy as np
 
 from registry.errors import InvalidNameError, NotFoundError
 from service.config import Settings
-from service.decoding import decode_uploads
+from service.dataplane.decoding import decode_uploads
+from service.dataplane.images import PreprocessingError
 from service.errors import ApiError, http_status
-from service.preprocessing import PreprocessingError
-from service.protocol.errors import ProtocolError
-from service.protocol.metadata import (
+from service.frontends.http.bodies import Upload
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.metadata import (
     model_config,
     model_metadata,
     server_metadata,
     triton_platform,
 )
-from service.protocol.request import InferRequest
-from service.protocol.signature import ModelSignature, seednet_signature
-from service.serving import ServingModel
+from service.frontends.oip.codec.request import InferRequest
+from service.frontends.oip.codec.signature import ModelSignature, seednet_signature
+from service.lifecycle.prepare import ServingModel
 from service.state import ServiceState
-from service.uploads import Upload
 
 SERVER_NAME = "seednet"
 #: Per image, the most a JSON ``images`` tensor takes: 3072 numbers of up to 3 digits,

@@ -10,9 +10,9 @@ from fastapi import Depends, Request
 from registry import Registry
 from service.config import Settings
 from service.errors import ApiError
-from service.serving import ServingModel
+from service.frontends.http.bodies import has_unread_body
+from service.lifecycle.prepare import ServingModel
 from service.state import ServiceState
-from service.uploads import has_unread_body
 
 
 def get_state(request: Request) -> ServiceState:

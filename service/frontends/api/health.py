@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.deps import State
+from service.frontends.http.deps import State
 
 router = APIRouter(tags=["health"])
 

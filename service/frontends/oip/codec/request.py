@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from service.protocol.errors import ProtocolError
-from service.protocol.signature import ModelSignature, TensorSpec
-from service.protocol.tensors import Tensor
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.signature import ModelSignature, TensorSpec
+from service.frontends.oip.codec.tensors import Tensor
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Every backend takes uint8 images ``[N, 3, 32, 32]`` and returns numpy
 ``probabilities [N, classes]`` and ``attention [N, blocks, L]``; normalisation is
 inside the graph. Opening a backend touches the device, so the service only ever does
-it on the model thread (see ``service.batching``).
+it on the model thread (see ``service.dataplane.batching``).
 """
 
 from __future__ import annotations

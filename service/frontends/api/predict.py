@@ -13,11 +13,11 @@ from fastapi import APIRouter, Query, Request, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.decoding import decode_uploads
-from service.deps import ModelDep, State
-from service.preprocessing import PreparedImage
-from service.serving import ServingModel
-from service.uploads import Upload, read_uploads
+from service.dataplane.decoding import decode_uploads
+from service.dataplane.images import PreparedImage
+from service.frontends.http.bodies import Upload, read_uploads
+from service.frontends.http.deps import ModelDep, State
+from service.lifecycle.prepare import ServingModel
 
 router = APIRouter(tags=["predict"])
 

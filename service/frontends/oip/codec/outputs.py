@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.protocol.classification import classify
-from service.protocol.request import InferRequest, RequestedOutput
-from service.protocol.signature import ModelSignature
-from service.protocol.tensors import numpy_dtype
+from service.frontends.oip.codec.classification import classify
+from service.frontends.oip.codec.request import InferRequest, RequestedOutput
+from service.frontends.oip.codec.signature import ModelSignature
+from service.frontends.oip.codec.tensors import numpy_dtype
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from service.protocol.signature import SEEDNET, ModelSignature, TensorSpec
-from service.protocol.tensors import serialize_bytes
+from service.frontends.oip.codec.signature import SEEDNET, ModelSignature, TensorSpec
+from service.frontends.oip.codec.tensors import serialize_bytes
 
 #: Protocol extensions this package implements (reported in server metadata).
 EXTENSIONS: tuple[str, ...] = ("binary_tensor_data", "classification", "model_configuration")

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from service.preprocessing import (
+from service.dataplane.images import (
     ImageLimits,
     OpenedImage,
     PreparedImage,
@@ -49,7 +49,7 @@ from service.preprocessing import (
     decode_opened,
     open_image,
 )
-from service.uploads import Upload
+from service.frontends.http.bodies import Upload
 
 log = logging.getLogger("seednet.decoding")
 T = TypeVar("T")

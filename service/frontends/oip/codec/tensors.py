@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.protocol.errors import ProtocolError
+from service.frontends.oip.codec.errors import ProtocolError
 
 #: Protocol datatype -> numpy dtype (little-endian, as the wire is). BYTES -> object.
 NUMPY_DTYPES: dict[str, np.dtype] = {

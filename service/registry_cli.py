@@ -1,4 +1,4 @@
-"""`python -m service.registry ...`: the registry CLI with SeedNet's exporter plugged in.
+"""`python -m service.registry_cli ...`: the registry CLI with SeedNet's exporter plugged in.
 
 Kept at this path so the README's commands and deployments keep working; the registry
 itself lives in the ``registry`` package.

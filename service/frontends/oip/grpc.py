@@ -7,10 +7,10 @@ The lifespan starts it (when ``SEEDNET_GRPC_PORT`` is set) after the model is lo
 and stops it before the batcher stops. It runs in the same event loop as uvicorn and
 shares everything with the REST front ends: the serving model, the batcher (gRPC and
 HTTP requests are merged into the same forward passes), the image limits and the
-metrics. The largest message it accepts is ``service.oip.max_request_bytes``, the
+metrics. The largest message it accepts is ``service.frontends.oip.common.max_request_bytes``, the
 same limit as a REST body.
 
-Errors: the status ``service.oip.error_status`` gives an error becomes a gRPC code
+Errors: the status ``service.frontends.oip.common.error_status`` gives an error becomes a gRPC code
 (400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE...) with the same message,
 applied in one place (``_rpc``).
 """
@@ -25,7 +25,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.oip import (
+from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
+from service.frontends.oip.codec import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.frontends.oip.codec.grpc_codec import (
+    build_grpc_response,
+    model_config_response,
+    model_metadata_response,
+    parse_grpc_request,
+    server_metadata_response,
+)
+from service.frontends.oip.common import (
     OipError,
     error_status,
     max_request_bytes,
@@ -35,15 +44,6 @@ from service.oip import (
     served_model,
     server_metadata_doc,
     signature_of,
-)
-from service.protocol import grpc_predict_v2_pb2 as pb
-from service.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.protocol.grpc_codec import (
-    build_grpc_response,
-    model_config_response,
-    model_metadata_response,
-    parse_grpc_request,
-    server_metadata_response,
 )
 from service.state import ServiceState
 

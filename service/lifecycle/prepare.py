@@ -9,7 +9,7 @@ Loading has two halves so that nothing touches the device beside a running batch
   captures CUDA graphs and warms up.
 
 ``backend="auto"`` prepares every verified full-precision export the device can run and
-lets :mod:`service.autoselect` time them at load and keep the fastest; the int8 export
+lets :mod:`service.lifecycle.autoselect` time them at load and keep the fastest; the int8 export
 is never a candidate (it is served only when asked for by name).
 """
 
@@ -27,8 +27,8 @@ from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.device import DeviceError, resolve_device
 from seednet.export import verified_backends
 from seednet.runtimes import openvino_available
-from service.autoselect import AUTO, auto_candidates, open_fastest
-from service.backends import BACKENDS, Backend, ModelLoadError, open_backend
+from service.dataplane.backends import BACKENDS, Backend, ModelLoadError, open_backend
+from service.lifecycle.autoselect import AUTO, auto_candidates, open_fastest
 
 log = logging.getLogger("seednet.serving")
 
@@ -87,7 +87,7 @@ def prepare(
     ready = [b for b in wanted if b in verified]
     if not ready:
         hint = (
-            f"run `python -m service.registry materialize {mv.ref}` or set "
+            f"run `python -m service.registry_cli materialize {mv.ref}` or set "
             "SEEDNET_MATERIALIZE_EXPORTS=true"
             if not materialize
             else "its export failed the golden-set check (see exports.json)"

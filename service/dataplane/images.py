@@ -6,7 +6,7 @@ Pipeline (:func:`preprocess` = :func:`open_image` + :func:`decode_opened`)::
           -> load (decode) -> integer reduce -> EXIF orientation -> RGB
           -> resize to size x size -> uint8 [3, H, W]
 
-The service calls the two halves separately (``service.decoding``): it opens every image
+The service calls the two halves separately (``service.dataplane.decoding``): it opens every image
 of a request first, so that the request's decode budget (the sum of decoded pixels) is
 checked before a single image is decoded.
 

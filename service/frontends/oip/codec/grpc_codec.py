@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from service.protocol import grpc_predict_v2_pb2 as pb
-from service.protocol.errors import ProtocolError
-from service.protocol.outputs import output_tensors
-from service.protocol.request import (
+from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
+from service.frontends.oip.codec.errors import ProtocolError
+from service.frontends.oip.codec.outputs import output_tensors
+from service.frontends.oip.codec.request import (
     InferRequest,
     InputTensor,
     RequestedOutput,
@@ -28,8 +28,8 @@ from service.protocol.request import (
     parse_classification,
     resolve_outputs,
 )
-from service.protocol.signature import SEEDNET, ModelSignature
-from service.protocol.tensors import (
+from service.frontends.oip.codec.signature import SEEDNET, ModelSignature
+from service.frontends.oip.codec.tensors import (
     GRPC_CONTENTS_FIELDS,
     decode_grpc_contents,
     decode_raw,

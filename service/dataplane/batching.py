@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from service.backends import Outputs
+from service.dataplane.backends import Outputs
 
 if TYPE_CHECKING:
-    from service.serving import ServingModel
+    from service.lifecycle.prepare import ServingModel
 
 T = TypeVar("T")
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from seednet.runtimes import openvino_available
-from service.backends import Backend, open_backend
+from service.dataplane.backends import Backend, open_backend
 
 if TYPE_CHECKING:
-    from service.serving import Prepared
+    from service.lifecycle.prepare import Prepared
 
 log = logging.getLogger("seednet.autoselect")
 

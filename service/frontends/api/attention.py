@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from registry.manifest import ATTENTION_REFERENCE_FILE
-from service.deps import ModelDep, RegistryDep, State
+from service.frontends.http.deps import ModelDep, RegistryDep, State
 
 router = APIRouter(tags=["attention"])
 

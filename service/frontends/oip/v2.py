@@ -1,13 +1,13 @@
 """The Open Inference Protocol v2 over HTTP (KServe v2 / Triton): ``/v2/...``.
 
 Health, server and model metadata, Triton's model config, readiness and inference,
-with JSON or binary tensors (``service.protocol.rest``). Requests share the model,
-the batcher and the image limits of ``/predict`` (``service.oip``).
+with JSON or binary tensors (``service.frontends.oip.codec.rest``). Requests share the model,
+the batcher and the image limits of ``/predict`` (``service.frontends.oip.common``).
 
 Errors are the protocol's shape, ``{"error": "<message>"}``, not the JSON API's:
 ``V2Route`` wraps every route of this router, so any error raised in a v2 route or
 its dependencies is turned into that shape in one place, with the status
-``service.oip.error_status`` gives it. Paths under ``/v2`` that match no route get
+``service.frontends.oip.common.error_status`` gives it. Paths under ``/v2`` that match no route get
 the same shape from the catch-all route at the end.
 """
 
@@ -27,8 +27,15 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.deps import State
-from service.oip import (
+from service.frontends.http.bodies import receive_body
+from service.frontends.http.deps import State
+from service.frontends.oip.codec.rest import (
+    INFERENCE_HEADER_CONTENT_LENGTH,
+    build_rest_response,
+    parse_header_length,
+    parse_rest_request,
+)
+from service.frontends.oip.common import (
     OipError,
     error_status,
     max_request_bytes,
@@ -39,13 +46,6 @@ from service.oip import (
     server_metadata_doc,
     signature_of,
 )
-from service.protocol.rest import (
-    INFERENCE_HEADER_CONTENT_LENGTH,
-    build_rest_response,
-    parse_header_length,
-    parse_rest_request,
-)
-from service.uploads import receive_body
 
 log = logging.getLogger("seednet.v2")
 
@@ -203,7 +203,7 @@ _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     """The request body, at most ``limit`` bytes (also after decompression): else 413,
-    read as it arrives (``service.uploads.receive_body``: 408 after ``timeout`` s)."""
+    read as it arrives (``service.frontends.http.bodies.receive_body``: 408 after ``timeout`` s)."""
     too_large = f"the request body is over the limit of {limit} bytes"
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", *_DECODERS):

@@ -9,7 +9,7 @@ head of every request must arrive within ``timeout_headers`` seconds of its firs
 (of the connection, for the first request), and within
 ``h11_max_incomplete_event_size`` bytes (h11 enforces this itself). A client that misses
 either gets a JSON 408 / 431 and the connection is closed. Bodies have their own deadline
-(``timeout_body``, in ``service.uploads``).
+(``timeout_body``, in ``service.frontends.http.bodies``).
 
 This leans on uvicorn's protocol classes (their parser callbacks, which follow
 httptools' and h11's own API); tests/service/test_hostile.py pins the behaviour.

@@ -1,6 +1,6 @@
 """Reading request bodies within the service's limits, as they arrive.
 
-Only bytes here: decoding is ``service.preprocessing``'s job.
+Only bytes here: decoding is ``service.dataplane.images``'s job.
 
 The body is read straight from the ASGI receive channel with a running byte count and a
 deadline, never through Starlette's ``request.form()`` (which spools a whole upload to
@@ -32,8 +32,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.config import Settings
+from service.dataplane.images import FileTooLargeError
 from service.errors import ApiError
-from service.preprocessing import FileTooLargeError
 
 FIELDS = ("file", "files")
 ADMIN_BODY_BYTES = 4096  # {"version": "12", "alias": "production"} is 40 bytes

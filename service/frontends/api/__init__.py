@@ -1,0 +1,1 @@
+"""The JSON API: one router per resource (predict, models, health, attention, docs)."""

@@ -1,0 +1,1 @@
+"""The model lifecycle: a registry version verified, exported, opened, chosen, swapped."""

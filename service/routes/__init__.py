@@ -1,1 +1,0 @@
-"""One router per resource: predict, attention, models, health (and request metrics)."""
