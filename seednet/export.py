@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
+from seednet.errors import ExportError
 from seednet.graph import InferenceModel, inference_model
 from seednet.runtimes import OpenVinoModel, openvino_available, ort_run, ort_session
 
@@ -40,12 +41,6 @@ CHECK_BATCHES = (1, 64)
 REQUIRED = ("torchscript", "onnx")  # refused together; "openvino" is optional
 # The ONNX exporter's libraries log every pass at INFO: hundreds of lines per export.
 _CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")
-
-
-class ExportError(RuntimeError):
-    """An export that failed one of its checks."""
-
-    code = "export_failed"
 
 
 @dataclass

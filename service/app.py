@@ -25,14 +25,15 @@ from service.config import Settings
 from service.dataplane.batching import Batcher, BatchStats
 from service.dataplane.decoding import DecodePool
 from service.dataplane.images import ImageLimits
-from service.errors import install_error_handlers
+from service.dataplane.inference import DataPlane
 from service.frontends.api import attention, health, models, predict
 from service.frontends.api.docs import install_docs
-from service.frontends.http.deps import require_model
 from service.frontends.http.metrics_middleware import install_request_metrics
+from service.frontends.http.rendering import install_error_handlers
 from service.frontends.http.security import SecurityHeadersMiddleware
 from service.frontends.oip import v2
 from service.frontends.oip.grpc import start_grpc_server, stop_grpc_server
+from service.lifecycle.host import ModelHost
 from service.metrics import Metrics
 from service.state import ServiceState
 
@@ -43,40 +44,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     state = ServiceState(
-        settings=settings,
-        registry=Registry(settings.registry_root),
-        metrics=metrics,
-        limits=ImageLimits(
-            max_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_image_pixels,
-            max_request_pixels=settings.max_request_pixels,
-        ),
+        settings=settings, registry=Registry(settings.registry_root), metrics=metrics
+    )
+    limits = ImageLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.batcher = Batcher(
-            lambda: require_model(state),
-            max_batch_size=settings.max_batch_size if settings.batching else 10**9,
+        batcher = Batcher(
+            lambda: host.current(),
+            max_batch_size=settings.max_batch_size,
             max_wait=settings.max_batch_wait_ms / 1000,
             enabled=settings.batching,
             stats=BatchStats(
                 on_batch=metrics.on_batch,
-                on_wait=metrics.on_wait,
                 on_queue=metrics.on_queue,
+                on_running=metrics.on_running,
                 on_reject=metrics.on_reject,
             ),
             max_queue_images=settings.max_queue_images,
             queue_timeout=settings.queue_timeout_ms / 1000 or None,
         )
-        state.batcher.start()
-        state.decoder = DecodePool(settings.decode_threads())
+        batcher.start()
+        host = ModelHost(settings, state.registry, metrics, batcher)
+        decoder = DecodePool(settings.decode_threads())
+        state.host = host
+        state.plane = DataPlane(batcher, decoder, limits, metrics, host.current)
         # Before the first forward pass, on the thread that runs them.
-        await state.batcher.run_in_model_thread(torch.set_num_threads, settings.torch_threads())
-        await state.load(settings.model_ref)  # a failure here stops start-up, loudly
+        await batcher.run_in_model_thread(torch.set_num_threads, settings.torch_threads())
+        await host.load(settings.model_ref)  # a failure here stops start-up, loudly
         watcher = None
         if settings.alias_poll_seconds:
-            watcher = asyncio.create_task(state.follow_alias(settings.alias_poll_seconds))
+            watcher = asyncio.create_task(host.follow_alias(settings.alias_poll_seconds))
         grpc_server = None
         if settings.grpc_port is not None:
             grpc_server = await start_grpc_server(state, settings.grpc_port)
@@ -87,8 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 watcher.cancel()
             if grpc_server is not None:
                 await stop_grpc_server(state, grpc_server)
-            state.decoder.shutdown()
-            await state.batcher.stop()
+            decoder.shutdown()
+            await batcher.stop()
             metrics.worker_exited(os.getpid())
 
     app = FastAPI(

@@ -1,25 +1,24 @@
-"""Every failure as one JSON shape, ``{"error": {"code", "message", "status"}}``.
+"""Every failure the service answers with, and the one table that says how.
 
-Domain errors (registry, model loading, exports, image preprocessing) know nothing of
-HTTP; :data:`STATUS_BY_ERROR` maps them to a status here, once, and the handlers below
-turn any of them into a response. Routes raise and never catch them.
+Errors are raised where they happen (the registry, a model that cannot load, an image
+that cannot be decoded, a full queue, a malformed tensor) and know nothing of a wire
+protocol. :data:`FAILURES` maps each to what every protocol needs: the HTTP status, the
+gRPC status code, the machine-readable code, whether to send ``Retry-After``, and whether
+the client (or the load it sends) caused it, in which case no traceback is logged. The
+JSON API, the inference protocol's REST routes and its gRPC server each render from
+:func:`failure_of`; none keeps a table of its own. Nothing here imports a web framework
+or gRPC.
 
-Anything else a route raises is answered by :class:`CatchAllMiddleware` with a complete
-JSON 500, and the exception stops there. (Starlette's own last resort sends its 500 and
-then re-raises, which makes uvicorn drop the connection: a keep-alive client's next
-request on it would fail with a reset.)
+The service's own errors derive from :class:`ServiceError`; registry and export errors
+come from the layers below and are mapped here too. An exception that is in no row is a
+server fault: HTTP 500 / gRPC ``INTERNAL``, logged with its traceback, and its message is
+never shown to the client.
 """
 
 from __future__ import annotations
 
 import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from dataclasses import dataclass
 
 from registry.errors import (
     ConflictError,
@@ -30,160 +29,237 @@ from registry.errors import (
     RegistryError,
     StorageError,
 )
-from seednet.export import ExportError
-from service.dataplane.backends import ModelLoadError
-from service.dataplane.batching import DeadlineExceeded, Overloaded
-from service.dataplane.images import (
-    CorruptImageError,
-    EmptyFileError,
-    FileTooLargeError,
-    PreprocessingError,
-    TooManyPixelsError,
-    UnsupportedImageError,
-)
+from seednet.errors import ExportError
 
 log = logging.getLogger("seednet.errors")
 
+#: The longest message a client is sent: a hostile request (a 50 MB shape list, say) must
+#: not be echoed back whole.
+MAX_MESSAGE_CHARS = 1000
 
-class ApiError(Exception):
-    """An error with an HTTP status, a machine-readable code and a sentence for a person."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
+class ServiceError(Exception):
+    """An error of the service with a stable ``code`` and a sentence for a person.
 
+    ``code`` overrides the class's code for this instance (``too_many_images`` is a
+    :class:`PayloadTooLarge`); ``close`` asks an HTTP front end to close the connection
+    (the error was sent before the whole body arrived); ``retry_after`` is seconds.
+    """
+
+    code = "error"
+    default_message = "the request failed"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        close: bool = False,
+        retry_after: int | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        super().__init__(self.message)
+        if code is not None:
+            self.code = code
+        self.close = close
+        self.retry_after = retry_after
+
+
+# -- the request ----------------------------------------------------------------------
+
+
+class BadRequest(ServiceError):
+    """Malformed request: a header, an encoding, a body that is not what it says."""
+
+    code = "bad_request"
+
+
+class ProtocolError(BadRequest):
+    """A request that breaks the inference protocol or the model's signature."""
+
+    code = "invalid_inference_request"
+
+
+class InvalidRequest(ServiceError):
+    """A well-formed request with a missing or invalid field (the JSON API's 422)."""
+
+    code = "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class RequestTimeout(ServiceError):
+    code = "request_timeout"
+
+
+class ModelNotFound(ServiceError):
+    """A model name or version the registry does not have (inference protocol)."""
+
+    code = "model_not_found"
+
+
+class ModelNotServed(BadRequest):
+    """A model version the registry has but this service does not serve."""
+
+    code = "model_not_served"
+
+
+# -- images (the decoding pipeline, service.dataplane.images) --------------------------
+
+
+class ImageError(ServiceError):
+    """The upload cannot be turned into a model input."""
+
+    code = "invalid_image"
+    default_message = "the image cannot be used"
+
+
+class EmptyFileError(ImageError):
+    code = "empty_file"
+    default_message = "the uploaded file is empty"
+
+
+class FileTooLargeError(ImageError):
+    code = "file_too_large"
+    default_message = "the uploaded file is too large"
+
+
+class TooManyPixelsError(ImageError):
+    code = "too_many_pixels"
+    default_message = "the image has too many pixels"
+
+
+class UnsupportedImageError(ImageError):
+    code = "unsupported_media_type"
+    default_message = "not a supported image"
+
+
+class CorruptImageError(ImageError):
+    code = "corrupt_image"
+    default_message = "the image data is truncated or corrupt"
+
+
+# -- the model and its capacity --------------------------------------------------------
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+    default_message = "the model is still loading; retry shortly"
+
+
+class Overloaded(ServiceError):
+    """Admission control: the request cannot be served in time; refused before it waits."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its batch started; it was not computed."""
+
+    code = "deadline_exceeded"
+
+
+class ModelLoadError(ServiceError):
+    """The requested model could not be loaded (unknown backend, no device, broken file)."""
+
+    code = "model_load_failed"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one kind of error is answered on every protocol."""
+
+    http: int
+    grpc: str  # a grpc.StatusCode name
+    client: bool = True  # caused by the request or the load: no traceback in the log
+    retry: bool = False  # send Retry-After (HTTP header, gRPC trailing metadata)
+
+
+SERVER_FAULT = Failure(500, "INTERNAL", client=False)
 
 # Most specific first: the first class an error is an instance of wins.
-STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
-    (NotFoundError, 404),
-    (InvalidNameError, 422),
-    (ConflictError, 409),
-    # The registry needs an operator (repair, a writable folder); the model keeps serving.
-    (MetadataError, 503),
-    (StorageError, 503),
-    (IntegrityError, 409),  # the version's files differ from what was published
-    (RegistryError, 409),
-    (ModelLoadError, 409),  # the version exists but cannot be served here
-    (ExportError, 409),
-    (DeadlineExceeded, 503),  # waited past SEEDNET_QUEUE_TIMEOUT_MS, never computed
-    (Overloaded, 429),  # the queue is full: refused before waiting
-    (EmptyFileError, 422),
-    (CorruptImageError, 422),
-    (FileTooLargeError, 413),
-    (TooManyPixelsError, 413),
-    (UnsupportedImageError, 415),
-    (PreprocessingError, 400),
+FAILURES: tuple[tuple[type[BaseException], Failure], ...] = (
+    (ProtocolError, Failure(400, "INVALID_ARGUMENT")),
+    (BadRequest, Failure(400, "INVALID_ARGUMENT")),
+    (Unauthorized, Failure(401, "UNAUTHENTICATED")),
+    (Forbidden, Failure(403, "PERMISSION_DENIED")),
+    (ModelNotFound, Failure(404, "NOT_FOUND")),
+    (NotFoundError, Failure(404, "NOT_FOUND")),
+    (RequestTimeout, Failure(408, "DEADLINE_EXCEEDED")),
+    (PayloadTooLarge, Failure(413, "INVALID_ARGUMENT")),
+    (FileTooLargeError, Failure(413, "INVALID_ARGUMENT")),
+    (TooManyPixelsError, Failure(413, "INVALID_ARGUMENT")),
+    (UnsupportedImageError, Failure(415, "INVALID_ARGUMENT")),
+    (EmptyFileError, Failure(422, "INVALID_ARGUMENT")),
+    (CorruptImageError, Failure(422, "INVALID_ARGUMENT")),
+    (ImageError, Failure(400, "INVALID_ARGUMENT")),
+    (InvalidRequest, Failure(422, "INVALID_ARGUMENT")),
+    (InvalidNameError, Failure(422, "INVALID_ARGUMENT")),
+    (Overloaded, Failure(429, "RESOURCE_EXHAUSTED", retry=True)),
+    (DeadlineExceeded, Failure(503, "UNAVAILABLE", retry=True)),
+    (NotReady, Failure(503, "UNAVAILABLE", retry=True)),
+    (ConflictError, Failure(409, "ABORTED")),
+    # The registry needs an operator (repair, a writable folder, a reachable store); the
+    # loaded model keeps serving.
+    (MetadataError, Failure(503, "UNAVAILABLE", client=False)),
+    (StorageError, Failure(503, "UNAVAILABLE", client=False)),
+    # The version's files differ from what was published, or it cannot be served here.
+    (IntegrityError, Failure(409, "FAILED_PRECONDITION", client=False)),
+    (RegistryError, Failure(409, "FAILED_PRECONDITION", client=False)),
+    (ModelLoadError, Failure(409, "FAILED_PRECONDITION", client=False)),
+    (ExportError, Failure(409, "FAILED_PRECONDITION", client=False)),
 )
 
 
-def http_status(exc: Exception) -> int:
-    """The HTTP status of a domain error (500 for anything unmapped)."""
-    return next((status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls)), 500)
+def failure_of(exc: BaseException) -> Failure:
+    """The row of ``exc`` in :data:`FAILURES` (:data:`SERVER_FAULT` when none)."""
+    for cls, failure in FAILURES:
+        if isinstance(exc, cls):
+            return failure
+    return SERVER_FAULT
 
 
-def error_response(
-    status: int, code: str, message: str, headers: dict | None = None
-) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message, "status": status}},
-        status_code=status,
-        headers=headers,
-    )
+def error_code(exc: BaseException) -> str:
+    """The machine-readable code of ``exc`` (``internal_error`` for a server fault)."""
+    if failure_of(exc) is SERVER_FAULT:
+        return "internal_error"
+    return str(getattr(exc, "code", None) or "error")
 
 
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "invalid_request",
-    503: "not_ready",
-}
-_DOMAIN_ERRORS = tuple(cls for cls, _ in STATUS_BY_ERROR)
+def public_message(exc: BaseException) -> str:
+    """What the client is told: the error's sentence on one line, at most
+    :data:`MAX_MESSAGE_CHARS` characters; nothing of a server fault's internals."""
+    if failure_of(exc) is SERVER_FAULT:
+        return "the server failed to handle this request; it has been logged"
+    text = " ".join(str(getattr(exc, "message", None) or exc).split())
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 1] + "…"
+    return text
 
 
-class CatchAllMiddleware:
-    """The last resort: an unexpected exception becomes a complete JSON 500, nothing more.
-
-    Sits just outside FastAPI's exception handlers. If the response had already started,
-    half of it is on the wire and closing the connection is the only honest end, so the
-    exception goes on to uvicorn; no route of this service streams, so that never happens.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except ClientDisconnect:
-            # Nobody to answer; a response still completes the request for the middleware
-            # around (metrics count it as nginx does: 499) and uvicorn drops it unsent.
-            log.info("client left during %s %s", scope.get("method"), scope.get("path"))
-            if not started:
-                response = error_response(
-                    499, "client_closed_request", "the client closed the connection"
-                )
-                await response(scope, receive, send)
-        except Exception:
-            log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            response = error_response(
-                500,
-                "internal_error",
-                "the server failed to handle this request; it has been logged",
-            )
-            await response(scope, receive, send)
+def retry_after(exc: BaseException) -> int | None:
+    """Seconds to wait before retrying (only for rows that say so; at least 1)."""
+    if not failure_of(exc).retry:
+        return None
+    return max(1, int(getattr(exc, "retry_after", None) or 1))
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    async def _domain(_: Request, exc: Exception):
-        code = getattr(exc, "code", None) or "error"
-        retry = getattr(exc, "retry_after", None)  # admission control says when to retry
-        headers = {"Retry-After": str(retry)} if retry is not None else None
-        return error_response(http_status(exc), code, " ".join(str(exc).split()), headers)
-
-    for cls in _DOMAIN_ERRORS:
-        app.add_exception_handler(cls, _domain)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        parts = []
-        for e in exc.errors():
-            where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
-            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 404 and message == "Not Found":
-            message = "no such route; see /docs for the API"
-        return error_response(
-            exc.status_code,
-            _HTTP_CODES.get(exc.status_code, "error"),
-            message,
-            getattr(exc, "headers", None),
-        )
-
-    # Added first, so it wraps the handlers above and sits inside every other middleware.
-    app.add_middleware(CatchAllMiddleware)
+def log_failure(exc: BaseException, where: str) -> None:
+    """A server fault is logged with its traceback, an operator's problem (a registry that
+    needs repair, a version that cannot load) as one line; a client's or the load's not
+    at all (the access log and the metrics have its status)."""
+    failure = failure_of(exc)
+    if failure is SERVER_FAULT:
+        log.error("unexpected error in %s", where, exc_info=exc)
+    elif not failure.client:
+        log.warning("%s: %s", where, public_message(exc))

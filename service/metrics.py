@@ -8,7 +8,8 @@ them (prometheus_client's multiprocess mode); gauges keep one series per live wo
 Requests are counted per ``protocol``: ``rest`` (the JSON API: /predict, /models...),
 ``rest_v2`` (the inference protocol over HTTP, /v2/...) and ``grpc`` (the same protocol
 over gRPC; ``route`` is the RPC, ``method`` is ``RPC`` and ``status`` the gRPC code
-name). Every protocol feeds the same batcher, so the batch metrics cover them all.
+name), refused ones too. Every protocol feeds the same data plane, so the stage times carry
+the protocol and the batch metrics cover them all.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from prometheus_client import (
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Where a request's time goes, in order: what limits a deployment shows here.
-STAGES = ("read_body", "decode", "queue_wait", "model", "serialise")
+STAGES = ("read_body", "parse", "decode", "queue_wait", "model", "serialise")
+PROTOCOLS = ("rest", "rest_v2", "grpc")
 
 # Fine below 5 ms: on a GPU one image is served in about 1 to 4 ms, and a percentile is
 # only as precise as the buckets around it.
@@ -39,6 +41,19 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
+
+
+class _ServingOnly:
+    """A registry's metrics without the model-info series of models no longer served."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for metric in self.registry.collect():
+            if metric.name == "seednet_model_info":
+                metric.samples = [s for s in metric.samples if s.value]
+            yield metric
 
 
 class Metrics:
@@ -82,9 +97,16 @@ class Metrics:
         self.images = Counter("seednet_images_processed", "images classified", registry=r)
         self.stage = Histogram(
             "seednet_stage_seconds",
-            "time per request stage (" + ", ".join(STAGES) + ")",
-            ["stage"],
+            "time per request stage (" + ", ".join(STAGES) + ") and protocol",
+            ["stage", "protocol"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batches = Counter(
+            "seednet_batches",
+            "forward passes by how they formed: immediate (the queue was empty: run at once) "
+            "or batched (merged with waiting requests)",
+            ["mode"],
             registry=r,
         )
         self.model_info = Gauge(
@@ -98,6 +120,12 @@ class Metrics:
         self.queue_images = Gauge(
             "seednet_queue_images",
             "images waiting for a batch (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.running_images = Gauge(
+            "seednet_running_images",
+            "images in the forward pass that is running or about to run (all workers)",
             registry=r,
             multiprocess_mode="livesum",
         )
@@ -117,38 +145,44 @@ class Metrics:
         if failed:
             self.errors.labels(protocol, route, status).inc()
 
-    def on_batch(self, size: int, seconds: float) -> None:
+    def on_batch(self, size: int, seconds: float, mode: str) -> None:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
-        self.stage.labels("model").observe(seconds)
+        self.batches.labels(mode).inc()
         self.images.inc(size)
 
-    def on_wait(self, seconds: float) -> None:
-        self.queue_wait.observe(seconds)
-        self.stage.labels("queue_wait").observe(seconds)
-
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage.labels(stage).observe(seconds)
+    def observe_stage(self, stage: str, protocol: str, seconds: float) -> None:
+        self.stage.labels(stage, protocol).observe(seconds)
+        if stage == "queue_wait":
+            self.queue_wait.observe(seconds)
 
     def on_queue(self, images: int) -> None:
         self.queue_images.set(images)
+
+    def on_running(self, images: int) -> None:
+        self.running_images.set(images)
 
     def on_reject(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
 
     def set_model(self, info: dict) -> None:
-        self.model_info.clear()
-        self.model_info.labels(info["name"], info["version"], info["backend"], info["device"]).set(
-            1
-        )
+        """This process now serves ``info``'s model (and no other)."""
+        labels = (info["name"], info["version"], info["backend"], info["device"])
+        # In multiprocess mode a series, once written, stays in this worker's file:
+        # clear() forgets it here only. Zero the old series instead; render() drops them.
+        for sample in self.model_info.collect()[0].samples:
+            old = tuple(sample.labels[k] for k in ("name", "version", "backend", "device"))
+            if old != labels:
+                self.model_info.labels(*old).set(0)
+        self.model_info.labels(*labels).set(1)
 
     def render(self) -> bytes:
         path = multiprocess_dir()
         if path is None:
-            return generate_latest(self.registry)
+            return generate_latest(_ServingOnly(self.registry))
         merged = CollectorRegistry()  # every worker's files, summed
         multiprocess.MultiProcessCollector(merged, path=path)
-        return generate_latest(merged)
+        return generate_latest(_ServingOnly(merged))
 
     @staticmethod
     def worker_exited(pid: int) -> None:

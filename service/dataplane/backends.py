@@ -1,9 +1,10 @@
 """Model backends: TorchScript, ONNX Runtime (fp32, int8), OpenVINO and eager PyTorch.
 
-Every backend takes uint8 images ``[N, 3, 32, 32]`` and returns numpy
-``probabilities [N, classes]`` and ``attention [N, blocks, L]``; normalisation is
-inside the graph. Opening a backend touches the device, so the service only ever does
-it on the model thread (see ``service.dataplane.batching``).
+Every backend takes uint8 images ``[N, 3, 32, 32]`` and returns the graph's outputs by
+name: ``probabilities [N, classes]``, ``attention [N, blocks, L]`` and whatever else a
+version's graph adds; normalisation is inside the graph. Opening a backend touches the
+device, so the service only ever does it on the model thread (see
+``service.dataplane.batching``).
 """
 
 from __future__ import annotations
@@ -17,21 +18,26 @@ import numpy as np
 import torch
 
 from registry import ModelVersion
-from seednet.runtimes import OpenVinoModel, ort_run, ort_session
+from seednet.runtimes import OUTPUTS, OpenVinoModel, ort_session
+from service.errors import ModelLoadError
 
 log = logging.getLogger("seednet.backends")
 
-Outputs = tuple[np.ndarray, np.ndarray]
+#: A forward pass's outputs by name (``probabilities``, ``attention``, ...), batch first.
+Outputs = dict[str, np.ndarray]
 # fp32 backends answer like eager within 1e-4 (proven on the golden set); "onnx-int8" is
 # the quantised export, gated on test accuracy instead, and served only when named.
 FP32_BACKENDS = ("torchscript", "onnx", "openvino", "eager")
 BACKENDS = (*FP32_BACKENDS, "onnx-int8")
-
-
-class ModelLoadError(RuntimeError):
-    """The requested model could not be loaded (unknown backend, no device, broken file)."""
-
-    code = "model_load_failed"
+#: Where each backend's computation runs (what the inference protocol's metadata calls the
+#: platform, in Triton's names): every value ``SEEDNET_BACKEND`` accepts has one.
+PLATFORMS: dict[str, str] = {
+    "torchscript": "pytorch_libtorch",
+    "eager": "pytorch_libtorch",
+    "onnx": "onnxruntime_onnx",
+    "onnx-int8": "onnxruntime_onnx",
+    "openvino": "openvino",
+}
 
 
 class Backend(Protocol):
@@ -39,6 +45,13 @@ class Backend(Protocol):
     device: str
 
     def run(self, images: np.ndarray) -> Outputs: ...
+
+
+def _named(values) -> Outputs:
+    """A TorchScript/eager graph's output tuple by name (the export's output order)."""
+    if len(values) > len(OUTPUTS):
+        raise ModelLoadError(f"the graph returns {len(values)} outputs; known: {OUTPUTS}")
+    return {name: v.float().cpu().numpy() for name, v in zip(OUTPUTS, values, strict=False)}
 
 
 class _CudaGraphs:
@@ -49,7 +62,7 @@ class _CudaGraphs:
     """
 
     def __init__(
-        self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], max_batch: int = 32
+        self, fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], max_batch: int = 32
     ) -> None:
         self.fn = fn
         self.sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch]
@@ -69,16 +82,16 @@ class _CudaGraphs:
                 static_out = self.fn(static_in)
             self.graphs[size] = (graph, static_in, static_out)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         n = x.shape[0]
         size = next((s for s in self.sizes if s >= n), None)
         if size is None or size not in self.graphs:
             return None
-        graph, static_in, (probs, att) = self.graphs[size]
+        graph, static_in, static_out = self.graphs[size]
         static_in.zero_()
         static_in[:n].copy_(x)
         graph.replay()
-        return probs[:n].clone(), att[:n].clone()
+        return tuple(t[:n].clone() for t in static_out)
 
 
 class TorchBackend:
@@ -103,8 +116,7 @@ class TorchBackend:
         x = torch.from_numpy(images).to(self.device, non_blocking=True)
         with torch.inference_mode():
             out = self.graphs(x) if self.graphs is not None else None
-            probs, att = out if out is not None else self.module(x)
-        return probs.float().cpu().numpy(), att.float().cpu().numpy()
+            return _named(out if out is not None else self.module(x))
 
 
 class OnnxBackend:
@@ -121,8 +133,12 @@ class OnnxBackend:
         self.session = ort_session(path, device, threads)
         self.device = "cuda" if self.session.get_providers()[0].startswith("CUDA") else "cpu"
 
+        self._names = [o.name for o in self.session.get_outputs()]
+
     def run(self, images: np.ndarray) -> Outputs:
-        return ort_run(self.session, images)
+        return dict(
+            zip(self._names, self.session.run(self._names, {"images": images}), strict=True)
+        )
 
 
 class OpenVinoBackend:
@@ -135,7 +151,10 @@ class OpenVinoBackend:
         self.model = OpenVinoModel(path, threads)
 
     def run(self, images: np.ndarray) -> Outputs:
-        return self.model.run(images)
+        # share_outputs=False: copies, not views of the request's buffers, so the next
+        # batch cannot overwrite an answer that is still being serialised.
+        result = self.model.request.infer({"images": images}, share_outputs=False)
+        return {out.get_any_name(): result[out] for out in self.model.compiled.outputs}
 
 
 def open_backend(

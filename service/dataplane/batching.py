@@ -1,14 +1,26 @@
-"""Dynamic batching on the model thread, with admission control.
+"""Dynamic batching on the model thread, with admission control by deadline.
 
-``Batcher`` merges concurrent requests into one forward pass (up to ``max_batch_size``
-images or ``max_wait`` seconds) and runs it on a single worker thread, so the event loop
-never blocks on the model and nothing else uses the device at the same time.
+``Batcher`` runs every forward pass on one worker thread (the model thread), so the event
+loop never blocks on the model and nothing else uses the device at the same time.
 
-Admission control, as Triton and TorchServe users expect: at most ``max_queue_images``
-images wait; a request that would go over is refused at once (:class:`Overloaded`, 429)
-rather than queued for seconds, and a request that waited ``queue_timeout`` seconds
-without being served is answered (:class:`DeadlineExceeded`, 503) and never computed.
-Both say when to retry.
+Batching follows the load: when a request arrives at an empty queue it runs at once (no
+waiting for company: one client pays no batching delay); while a batch runs, requests
+queue up, and the next batch takes all of them (up to ``max_batch_size`` images), waiting
+at most ``max_wait`` for more only when others are already queued. Each batch reports
+whether it ran alone ("immediate") or merged ("batched"), so the switch shows in metrics.
+
+Admission control, as Triton and TorchServe users expect, sized from what the model
+costs: with a ``queue_timeout``, every request gets a deadline by which its batch must
+*start*. A request is refused at once (:class:`~service.errors.Overloaded`, 429) when the
+images already queued, at the measured cost per image, would not let it start in time,
+or when ``max_queue_images`` would be exceeded; a queued request whose deadline passes
+before its batch starts is answered (:class:`~service.errors.DeadlineExceeded`, 503) and
+never computed. A batch that has started always delivers its answers, so the model's time
+is never spent on an answer that is thrown away. Both refusals say when to retry.
+
+A request may pin the model it runs on (a rollout's candidate, say); requests pinned to
+different models never share a batch. Unpinned requests run on the model serving when
+their batch starts, so a swap never fails a request.
 """
 
 from __future__ import annotations
@@ -17,67 +29,87 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from service.dataplane.backends import Outputs
-
-if TYPE_CHECKING:
-    from service.lifecycle.prepare import ServingModel
+from service.dataplane.served import ServingModel
+from service.errors import DeadlineExceeded, Overloaded
 
 T = TypeVar("T")
 
 
-class Overloaded(RuntimeError):
-    """The queue is full: the request is refused before it waits."""
-
-    code = "overloaded"
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class DeadlineExceeded(Overloaded):
-    """The request waited longer than the queue timeout; it was not computed."""
-
-    code = "deadline_exceeded"
-
-
 @dataclass
-class _Pending:
+class _Chunk:
+    """At most ``max_batch_size`` images of one request, waiting for a batch."""
+
     images: np.ndarray
     future: asyncio.Future
     enqueued: float
+    deadline: float | None  # perf_counter time by which its batch must start
+    model: ServingModel | None  # pinned model, or None: whatever serves when it runs
+    started: float = 0.0
+    computing: bool = False  # set on the model thread when its forward pass begins
+    seconds: float = 0.0  # the forward pass that computed it
+    outputs: Outputs = field(default_factory=dict)  # its rows, once computed
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A request's rows of every output, the model that computed them, and where the
+    time went: ``queue_wait`` until its (last) batch started, ``model_seconds`` of the
+    forward passes that computed it."""
+
+    outputs: Outputs
+    model: ServingModel
+    queue_wait: float
+    model_seconds: float
 
 
 @dataclass
 class BatchStats:
-    """Callbacks the metrics module hooks into (kept here as plain callables).
+    """Callbacks the metrics hook into (plain callables: no metrics import here).
 
     ``on_span(kind, start, end)`` reports every stretch of model-thread work ("batch",
     "load"), measured on that thread: what shows that a load never overlaps a batch.
     """
 
-    on_batch: Callable[[int, float], None] = lambda size, seconds: None
-    on_wait: Callable[[float], None] = lambda seconds: None
+    on_batch: Callable[[int, float, str], None] = lambda size, seconds, mode: None
     on_span: Callable[[str, float, float], None] = lambda kind, start, end: None
     on_queue: Callable[[int], None] = lambda images: None
+    on_running: Callable[[int], None] = lambda images: None
     on_reject: Callable[[str], None] = lambda reason: None
 
 
-class Batcher:
-    """Dynamic batching on one worker thread.
+@dataclass
+class ServiceRate:
+    """Seconds of model time per image at the batch sizes a queue drains with.
 
-    ``submit`` splits a request into chunks of at most ``max_batch_size`` images; the
-    worker takes the first waiting chunk, then keeps adding chunks until the batch is
-    full or ``max_wait`` has passed, runs one forward pass, and hands every request
-    exactly its own rows. With batching off, each chunk runs on its own.
+    Starts from the load-time measurement and follows the batches that ran: an
+    exponential average over batches of at least a quarter of ``max_batch_size`` (small
+    batches cost more per image and say nothing about how fast a queue drains).
     """
+
+    seconds_per_image: float = 0.0
+    samples: int = field(default=0)
+
+    def observe(self, images: int, seconds: float, full: int) -> None:
+        if images * 4 < full and self.samples:
+            return
+        per_image = seconds / images
+        self.seconds_per_image = (
+            per_image if not self.samples else 0.8 * self.seconds_per_image + 0.2 * per_image
+        )
+        self.samples += 1
+
+
+class Batcher:
+    """Dynamic batching on one worker thread (see the module docstring)."""
 
     def __init__(
         self,
@@ -90,17 +122,20 @@ class Batcher:
         queue_timeout: float | None = None,
     ) -> None:
         self.get_model = get_model
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size if enabled else 10**9
         self.max_wait = max_wait
         self.enabled = enabled
         self.stats = stats or BatchStats()
         self.max_queue_images = max_queue_images
         self.queue_timeout = queue_timeout
+        self.rate = ServiceRate()
         self.queued_images = 0
-        self._seconds_per_image = 0.0  # moving average, for Retry-After
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: deque[_Chunk] = deque()
+        self._wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seednet-model")
         self._task: asyncio.Task | None = None
+
+    # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
@@ -129,133 +164,209 @@ class Batcher:
         finally:
             self.stats.on_span(kind, start, time.perf_counter())
 
+    # -- admission -----------------------------------------------------------------------
+
+    def seconds_per_image(self) -> float:
+        """The measured cost, else the one the serving model was loaded with."""
+        if self.rate.samples:
+            return self.rate.seconds_per_image
+        try:
+            return self.get_model().seconds_per_image
+        except Exception:  # no model yet: nothing to estimate with
+            return 0.0
+
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained (at least 1)."""
-        return max(1, math.ceil(self.queued_images * self._seconds_per_image))
+        return max(1, math.ceil(self.queued_images * self.seconds_per_image()))
 
-    def _dequeued(self, p: _Pending) -> None:
-        self.queued_images -= len(p.images)
-        self.stats.on_queue(self.queued_images)
-
-    async def submit(self, images: np.ndarray) -> tuple[Outputs, ServingModel]:
-        """Rows of ``images`` through the model; Overloaded / DeadlineExceeded when refused."""
+    def _admit(self, n: int) -> None:
         limit = self.max_queue_images
-        if limit is not None and self.queued_images + len(images) > limit:
+        if limit is not None and self.queued_images + n > limit:
             self.stats.on_reject("queue_full")
             raise Overloaded(
                 f"the server is at capacity: {self.queued_images} images are waiting "
                 f"(limit {limit}); retry shortly",
-                self.retry_after(),
+                retry_after=self.retry_after(),
             )
-        loop = asyncio.get_running_loop()
-        pending = []
-        for start in range(0, len(images), self.max_batch_size):
-            p = _Pending(
-                images[start : start + self.max_batch_size],
-                loop.create_future(),
-                time.perf_counter(),
+        if self.queue_timeout is None:
+            return
+        # The images ahead must be computed before this request's batch can start.
+        wait = self.queued_images * self.seconds_per_image()
+        if wait > self.queue_timeout:
+            self.stats.on_reject("queue_full")
+            raise Overloaded(
+                f"the server is at capacity: the {self.queued_images} images waiting take "
+                f"about {wait:.2f} s, more than the {self.queue_timeout:.3g} s a request may "
+                "wait (SEEDNET_QUEUE_TIMEOUT_MS); retry shortly",
+                retry_after=self.retry_after(),
             )
-            pending.append(p)
-            self.queue.put_nowait(p)
-            self.queued_images += len(p.images)
-        self.stats.on_queue(self.queued_images)
-        waiting = asyncio.gather(*(p.future for p in pending))
-        try:
-            results = await asyncio.wait_for(waiting, self.queue_timeout)
-        except asyncio.TimeoutError:
-            # the futures are cancelled: the worker drops chunks it has not started yet
-            self.stats.on_reject("deadline")
-            raise DeadlineExceeded(
-                f"the request waited {self.queue_timeout:.3g} s without being served "
-                "(SEEDNET_QUEUE_TIMEOUT_MS); retry shortly",
-                self.retry_after(),
-            ) from None
-        model = results[0][1]
-        probs = np.concatenate([r[0][0] for r in results])
-        att = np.concatenate([r[0][1] for r in results])
-        return (probs, att), model
 
-    async def _next(self, timeout: float | None = None) -> _Pending | None:
-        """The next chunk still wanted (cancelled ones are dropped), or None on timeout."""
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while True:
+    # -- requests ------------------------------------------------------------------------
+
+    async def submit(self, images: np.ndarray, model: ServingModel | None = None) -> BatchResult:
+        """Rows of ``images`` through the model (``model``: pin one; None: the serving one).
+
+        Raises Overloaded / DeadlineExceeded when admission control refuses it.
+        """
+        self._admit(len(images))
+        if model is None and len(images) > self.max_batch_size:
+            model = self.get_model()  # every chunk of one request on the same model
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        deadline = None if self.queue_timeout is None else now + self.queue_timeout
+        chunks = [
+            _Chunk(images[i : i + self.max_batch_size], loop.create_future(), now, deadline, model)
+            for i in range(0, len(images), self.max_batch_size)
+        ]
+        self._queue.extend(chunks)
+        self.queued_images += len(images)
+        self.stats.on_queue(self.queued_images)
+        self._wakeup.set()
+        waiting = asyncio.gather(*(c.future for c in chunks))
+        try:
             if deadline is None:
-                p = await self.queue.get()
+                await waiting
             else:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    return None
-                try:
-                    p = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    try:
-                        p = await asyncio.wait_for(self.queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        return None
-            self._dequeued(p)
-            if not p.future.done():
-                return p
+                await self._until_started(waiting, chunks, deadline)
+        finally:
+            for c in chunks:  # one chunk failed or the caller left: drop the rest unrun
+                c.future.cancel()
+            waiting.cancel()
+            if waiting.done() and not waiting.cancelled():
+                waiting.exception()  # (retrieved: asyncio would warn about it otherwise)
+        served_by = chunks[0].future.result()
+        if len(chunks) == 1:
+            outputs = chunks[0].outputs
+        else:
+            outputs = {k: np.concatenate([c.outputs[k] for c in chunks]) for k in chunks[0].outputs}
+        return BatchResult(
+            outputs=outputs,
+            model=served_by,
+            queue_wait=max(c.started - c.enqueued for c in chunks),
+            model_seconds=sum(c.seconds for c in chunks),
+        )
+
+    async def _until_started(
+        self, waiting: asyncio.Future, chunks: list[_Chunk], deadline: float
+    ) -> None:
+        """Wait for the answers; past the deadline, refuse the request unless every chunk's
+        forward pass has begun (then its answer is on its way: wait for it)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), deadline - time.perf_counter())
+            return
+        except asyncio.TimeoutError:
+            pass
+        if all(c.computing or c.future.done() for c in chunks):
+            await waiting
+            return
+        self.stats.on_reject("deadline")
+        waited = time.perf_counter() - chunks[0].enqueued
+        raise DeadlineExceeded(
+            f"the request waited {waited:.3g} s without being served (limit "
+            f"{self.queue_timeout:.3g} s, SEEDNET_QUEUE_TIMEOUT_MS); it was not computed; "
+            "retry shortly",
+            retry_after=self.retry_after(),
+        )
+
+    # -- the worker ----------------------------------------------------------------------
+
+    def _take(self, model: ServingModel | None, room: int) -> _Chunk | None:
+        """The first queued chunk for ``model`` that fits in ``room`` images (None: the
+        first chunk at all); chunks whose caller left are dropped, expired ones refused."""
+        now = time.perf_counter()
+        for chunk in list(self._queue):
+            if chunk.future.done():  # cancelled: its request failed or the client left
+                self._remove(chunk)
+                continue
+            if chunk.deadline is not None and now > chunk.deadline:
+                # its request is being refused (submit's side of the deadline): skip it
+                self._remove(chunk)
+                continue
+            if model is not None and (chunk.model or self.get_model()) is not model:
+                continue
+            if len(chunk.images) > room:
+                return None  # keeps its place: it leads the next batch
+            self._remove(chunk)
+            return chunk
+        return None
+
+    def _remove(self, chunk: _Chunk) -> None:
+        self._queue.remove(chunk)
+        self.queued_images -= len(chunk.images)
 
     async def _worker(self) -> None:
         while True:
-            first = await self._next()
-            assert first is not None
-            batch = [first]
-            size = len(first.images)
-            if self.enabled:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self._take(None, self.max_batch_size)
+            if first is None:
+                self.stats.on_queue(self.queued_images)
+                continue
+            model = first.model or self.get_model()
+            batch, size = [first], len(first.images)
+            mode = "immediate"
+            if self.enabled and self._queue:  # others are waiting: merge them
+                mode = "batched"
                 deadline = time.perf_counter() + self.max_wait
                 while size < self.max_batch_size:
-                    nxt = await self._next(deadline - time.perf_counter())
-                    if nxt is None:
-                        break
-                    if size + len(nxt.images) > self.max_batch_size:
-                        # does not fit: it leads the next batch instead
-                        await self._run([*batch])
-                        batch, size = [nxt], len(nxt.images)
-                        deadline = time.perf_counter() + self.max_wait
+                    chunk = self._take(model, self.max_batch_size - size)
+                    if chunk is None:
+                        # What is queued cannot join (another model, or too many images):
+                        # waiting would only delay this batch.
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0 or self._queue:
+                            break
+                        self._wakeup.clear()
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._wakeup.wait(), remaining)
                         continue
-                    batch.append(nxt)
-                    size += len(nxt.images)
-            await self._run(batch)
+                    batch.append(chunk)
+                    size += len(chunk.images)
+            self.stats.on_queue(self.queued_images)
+            await self._run(batch, model, mode)
 
-    async def _run(self, batch: list[_Pending]) -> None:
-        now = time.perf_counter()
-        for p in batch:
-            self.stats.on_wait(now - p.enqueued)
-        t0 = time.perf_counter()
+    async def _run(self, batch: list[_Chunk], model: ServingModel, mode: str) -> None:
+        start = time.perf_counter()
+        for c in batch:
+            c.started = start
+        self.stats.on_running(sum(len(c.images) for c in batch))
         try:
-            model = self.get_model()  # the model at the moment the batch runs (swap-safe)
             live, outputs = await self.run_in_model_thread(
                 self._forward, batch, model, kind="batch"
             )
         except Exception as exc:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+            self.stats.on_running(0)
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_exception(exc)
             return
+        self.stats.on_running(0)
         if outputs is None:
             return
-        probs, att = outputs
-        n_images = len(probs)
-        seconds = time.perf_counter() - t0
-        self.stats.on_batch(n_images, seconds)
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / n_images
+        n_images = sum(len(c.images) for c in live)
+        seconds = time.perf_counter() - start
+        self.stats.on_batch(n_images, seconds, mode)
+        self.rate.observe(n_images, seconds, self.max_batch_size)
         offset = 0
-        for p in live:
-            n = len(p.images)
-            if not p.future.done():  # a request that timed out meanwhile drops its rows
-                p.future.set_result(((probs[offset : offset + n], att[offset : offset + n]), model))
+        for c in live:
+            n = len(c.images)
+            c.outputs = {k: v[offset : offset + n] for k, v in outputs.items()}
+            c.seconds = seconds
+            if not c.future.done():  # its request gave up meanwhile: the rows are dropped
+                c.future.set_result(model)
             offset += n
 
     @staticmethod
-    def _forward(
-        batch: list[_Pending], model: ServingModel
-    ) -> tuple[list[_Pending], Outputs | None]:
-        """On the model thread: drop requests that gave up while the batch waited for the
-        thread (reading ``done()`` across threads is a benign race: at worst one more row
-        is computed), then run the rest as one forward pass."""
-        live = [p for p in batch if not p.future.done()]
+    def _forward(batch: list[_Chunk], model: ServingModel) -> tuple[list[_Chunk], Outputs | None]:
+        """On the model thread: drop chunks whose request gave up while the batch waited
+        for the thread (reading ``done()`` across threads is a benign race: at worst one
+        more row is computed), then run the rest as one forward pass."""
+        live = [c for c in batch if not c.future.done()]
+        for c in live:
+            c.computing = True
         if not live:
             return live, None
-        images = np.concatenate([p.images for p in live]) if len(live) > 1 else live[0].images
+        images = np.concatenate([c.images for c in live]) if len(live) > 1 else live[0].images
         return live, model.backend.run(images)

@@ -1,4 +1,4 @@
-"""Decoding uploads on a bounded thread pool shared fairly between requests.
+"""Decoding files on a bounded thread pool shared fairly between requests.
 
 Image decoding is the one CPU cost a client controls (a 40 KB PNG can declare 16 million
 pixels), so it runs on its own threads, never on the event loop or asyncio's default
@@ -41,15 +41,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from service.dataplane.images import (
+    ImageFile,
     ImageLimits,
     OpenedImage,
     PreparedImage,
-    PreprocessingError,
-    TooManyPixelsError,
     decode_opened,
     open_image,
 )
-from service.frontends.http.bodies import Upload
+from service.errors import ImageError, TooManyPixelsError
 
 log = logging.getLogger("seednet.decoding")
 T = TypeVar("T")
@@ -76,11 +75,6 @@ class DecodePool:
     @property
     def busy(self) -> int:
         return self.workers + 1 - self._free["any"] - self._free["small"]
-
-    def count(self, pixels: int) -> None:
-        """Record ``pixels`` decoded outside :meth:`run`'s ``pixels`` argument."""
-        self._pixels_since_trim += pixels
-        self._trim_if_idle()
 
     async def run(self, fn: Callable[..., T], *args: object, served: float, pixels: int = 0) -> T:
         """``fn(*args)`` on a decode thread; ``pixels``: what it decodes (0: headers only).
@@ -162,19 +156,19 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return _TRIM[0]
 
 
-def _named(exc: PreprocessingError, filename: str | None) -> PreprocessingError:
+def _named(exc: ImageError, filename: str | None) -> ImageError:
     # Name the file, so a person sending several knows which one to fix.
     return type(exc)(f"{filename}: {exc.message}") if filename else exc
 
 
-def _open_all(uploads: Sequence[Upload], limits: ImageLimits, size: int) -> list[OpenedImage]:
+def _open_all(files: Sequence[ImageFile], limits: ImageLimits, size: int) -> list[OpenedImage]:
     """Every header checked, and the request's budget: nothing decoded yet."""
     opened = []
-    for u in uploads:
+    for u in files:
         try:
             opened.append(open_image(u.data, limits, size))
-        except PreprocessingError as exc:
-            raise _named(exc, u.filename) from None
+        except ImageError as exc:
+            raise _named(exc, u.name) from None
     total = sum(o.decode_pixels for o in opened)
     if total > limits.max_request_pixels:
         raise TooManyPixelsError(
@@ -187,20 +181,20 @@ def _open_all(uploads: Sequence[Upload], limits: ImageLimits, size: int) -> list
 def _decode_one(opened: OpenedImage, filename: str | None, size: int) -> PreparedImage:
     try:
         return decode_opened(opened, size)
-    except PreprocessingError as exc:
+    except ImageError as exc:
         raise _named(exc, filename) from None
 
 
-async def decode_uploads(
-    pool: DecodePool, uploads: Sequence[Upload], limits: ImageLimits, size: int = 32
+async def decode_files(
+    pool: DecodePool, files: Sequence[ImageFile], limits: ImageLimits, size: int = 32
 ) -> list[PreparedImage]:
     """Every upload as a model input, within the request's budget, fairly scheduled."""
-    opened = await pool.run(_open_all, uploads, limits, size, served=0)
+    opened = await pool.run(_open_all, files, limits, size, served=0)
     prepared: list[PreparedImage] = []
     served = 0
-    for u, o in zip(uploads, opened, strict=True):
+    for u, o in zip(files, opened, strict=True):
         prepared.append(
-            await pool.run(_decode_one, o, u.filename, size, served=served, pixels=o.decode_pixels)
+            await pool.run(_decode_one, o, u.name, size, served=served, pixels=o.decode_pixels)
         )
         served += o.decode_pixels
     return prepared

@@ -10,7 +10,7 @@ The service calls the two halves separately (``service.dataplane.decoding``): it
 of a request first, so that the request's decode budget (the sum of decoded pixels) is
 checked before a single image is decoded.
 
-Every refusal is a :class:`PreprocessingError` subclass with a machine-readable ``code``
+Every refusal is a :class:`~service.errors.ImageError` subclass with a machine-readable ``code``
 (the service maps each class to an HTTP status); this module knows nothing about FastAPI.
 
 Checks, cheapest first, so that hostile input costs as little as possible:
@@ -82,17 +82,20 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    FileTooLargeError,
+    TooManyPixelsError,
+    UnsupportedImageError,
+)
+
 __all__ = [
     "ALLOWED_FORMATS",
-    "CorruptImageError",
-    "EmptyFileError",
-    "FileTooLargeError",
+    "ImageFile",
     "ImageLimits",
     "OpenedImage",
     "PreparedImage",
-    "PreprocessingError",
-    "TooManyPixelsError",
-    "UnsupportedImageError",
     "decode_image",
     "decode_opened",
     "open_image",
@@ -157,45 +160,13 @@ class ImageLimits:
             raise ValueError(f"limits must be positive, got {self!r}")
 
 
-class PreprocessingError(Exception):
-    """Base class: the upload cannot be turned into a model input.
+@dataclass(frozen=True)
+class ImageFile:
+    """An encoded image as a client sent it: an upload, or one element of a protocol's
+    BYTES tensor. ``name`` labels errors and answers (the upload's file name)."""
 
-    ``code`` is a stable machine-readable identifier and ``message`` (also ``str(err)``) a
-    human-readable explanation; the service maps each class to an HTTP status
-    (``service.errors``).
-    """
-
-    code: str = "bad_image"
-    default_message: str = "the uploaded file could not be processed"
-
-    def __init__(self, message: str | None = None) -> None:
-        self.message = message or self.default_message
-        super().__init__(self.message)
-
-
-class EmptyFileError(PreprocessingError):
-    code = "empty_file"
-    default_message = "the uploaded file is empty"
-
-
-class FileTooLargeError(PreprocessingError):
-    code = "file_too_large"
-    default_message = "the uploaded file is too large"
-
-
-class TooManyPixelsError(PreprocessingError):
-    code = "too_many_pixels"
-    default_message = "the image has too many pixels"
-
-
-class UnsupportedImageError(PreprocessingError):
-    code = "unsupported_media_type"
-    default_message = f"not a supported image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
-
-
-class CorruptImageError(PreprocessingError):
-    code = "corrupt_image"
-    default_message = "the image data is truncated or corrupt"
+    name: str | None
+    data: bytes
 
 
 @dataclass
@@ -230,7 +201,7 @@ def _format_mb(n: int) -> str:
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Validate and decode ``data`` in full; an RGB image with EXIF orientation applied.
 
-    Raises a :class:`PreprocessingError` subclass; see the module docstring for the order.
+    Raises a :class:`ImageError` subclass; see the module docstring for the order.
     """
     image, _, _ = _decode(_open(data, limits), 0)
     return image
@@ -311,7 +282,9 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             raise CorruptImageError(
                 f"the file looks like {sniffed} but its header is broken"
             ) from err
-        raise UnsupportedImageError() from err
+        raise UnsupportedImageError(
+            f"not a supported image; accepted formats: {', '.join(ALLOWED_FORMATS)}"
+        ) from err
 
     width, height = source.size
     if width * height > limits.max_pixels:

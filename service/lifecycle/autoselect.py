@@ -20,16 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from registry import ModelVersion
 from seednet.runtimes import openvino_available
 from service.dataplane.backends import Backend, open_backend
-
-if TYPE_CHECKING:
-    from service.lifecycle.prepare import Prepared
 
 log = logging.getLogger("seednet.autoselect")
 
@@ -80,12 +78,16 @@ def measure(backends: dict[str, Backend], batches=AUTO_BATCHES, rounds=ROUNDS) -
     }
 
 
-def open_fastest(prepared: Prepared, cuda_graphs: bool = True) -> tuple[Backend, dict]:
-    """Open every candidate of ``prepared``, keep the fastest (model thread only)."""
-    mv = prepared.version
-    names = tuple(name for name, _ in prepared.candidates)
-    key = (json.dumps(mv.manifest.model.config, sort_keys=True), prepared.device, names)
-    artefacts: dict[str, Path] = dict(prepared.candidates)
+def open_fastest(
+    mv: ModelVersion,
+    candidates: Sequence[tuple[str, Path]],
+    device: str,
+    cuda_graphs: bool = True,
+) -> tuple[Backend, dict]:
+    """Open every (backend, verified artefact) candidate, keep the fastest (model thread)."""
+    names = tuple(name for name, _ in candidates)
+    key = (json.dumps(mv.manifest.model.config, sort_keys=True), device, names)
+    artefacts: dict[str, Path] = dict(candidates)
     earlier = _MEASURED.get(key)
     if earlier is not None:
         chosen = earlier["chosen"]
@@ -94,20 +96,20 @@ def open_fastest(prepared: Prepared, cuda_graphs: bool = True) -> tuple[Backend,
             chosen,
             mv.ref,
             earlier["measured_for"],
-            prepared.device,
+            device,
             _figures(earlier["figures"]),
         )
-        be = open_backend(chosen, mv, artefacts[chosen], prepared.device, cuda_graphs)
+        be = open_backend(chosen, mv, artefacts[chosen], device, cuda_graphs)
         return be, {**earlier, "reused": True}
     t0 = time.perf_counter()
     opened = {}
-    for name, path in prepared.candidates:
-        be = open_backend(name, mv, path, prepared.device, cuda_graphs)
-        if be.device == prepared.device:  # e.g. ONNX Runtime without a working CUDA provider
+    for name, path in candidates:
+        be = open_backend(name, mv, path, device, cuda_graphs)
+        if be.device == device:  # e.g. ONNX Runtime without a working CUDA provider
             opened[name] = be
         else:
             log.warning(
-                "auto: %s runs on %s, not %s: not a candidate", name, be.device, prepared.device
+                "auto: %s runs on %s, not %s: not a candidate", name, be.device, device
             )
     figures = measure(opened)
     chosen = min(figures, key=lambda n: figures[n]["score_ms_per_image"])
@@ -122,7 +124,7 @@ def open_fastest(prepared: Prepared, cuda_graphs: bool = True) -> tuple[Backend,
         "auto: %s for %s on %s, measured in %.1fs: %s",
         chosen,
         mv.ref,
-        prepared.device,
+        device,
         result["seconds"],
         _figures(figures),
     )

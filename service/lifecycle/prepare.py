@@ -1,12 +1,12 @@
-"""A registry version made ready to serve: verified, exported, opened, warmed up.
+"""The first half of loading a registry version: verified and exported (any thread).
 
 Loading has two halves so that nothing touches the device beside a running batch:
 
-- :func:`prepare` (any thread): checks every file the model depends on against its
-  recorded sha256 (the weights and golden set always, whatever the backend) and builds
-  missing exports from the weights (CPU work, verified against the golden set);
-- :meth:`ServingModel.load` (the model thread only): opens the backend on the device,
-  captures CUDA graphs and warms up.
+- :func:`prepare` (this module, any thread): checks every file the model depends on
+  against its recorded sha256 (the weights and golden set always, whatever the backend)
+  and builds missing exports from the weights (CPU work, verified against the golden set);
+- :func:`service.lifecycle.loading.load_model` (the model thread only): opens the backend
+  on the device, captures CUDA graphs and warms up.
 
 ``backend="auto"`` prepares every verified full-precision export the device can run and
 lets :mod:`service.lifecycle.autoselect` time them at load and keep the fastest; the int8 export
@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.device import DeviceError, resolve_device
 from seednet.export import verified_backends
 from seednet.runtimes import openvino_available
-from service.dataplane.backends import BACKENDS, Backend, ModelLoadError, open_backend
-from service.lifecycle.autoselect import AUTO, auto_candidates, open_fastest
+from service.dataplane.backends import BACKENDS
+from service.errors import ModelLoadError
+from service.lifecycle.autoselect import AUTO, auto_candidates
 
 log = logging.getLogger("seednet.serving")
 
@@ -124,67 +123,3 @@ def _int8_artefact(registry: Registry, mv: ModelVersion) -> Path:
             f"on test accuracy) with `python -m training quantize {mv.ref} --data DIR`"
         )
     return registry.open_verified(mv, filename)
-
-
-@dataclass
-class ServingModel:
-    """A loaded, warmed-up model and what the API reports about it."""
-
-    version: ModelVersion
-    backend: Backend
-    class_names: list[str]
-    info: dict = field(default_factory=dict)
-    #: Per-image shape of the attention output (blocks, branches), as the warm-up saw it.
-    attention_dims: tuple[int, ...] = (7, 2)
-
-    @classmethod
-    def load(
-        cls,
-        prepared: Prepared,
-        cuda_graphs: bool = True,
-        warmup_batches: tuple[int, ...] = (1, 8),
-    ) -> ServingModel:
-        """Open, capture and warm up. Touches the device: call it on the model thread."""
-        mv = prepared.version
-        classes = list(mv.manifest.class_names)
-        t0 = time.perf_counter()
-        auto: dict | None = None
-        try:
-            if prepared.backend == AUTO:
-                be, auto = open_fastest(prepared, cuda_graphs)
-            else:
-                be = open_backend(
-                    prepared.backend, mv, prepared.artefact, prepared.device, cuda_graphs
-                )
-            attention_dims: tuple[int, ...] = cls.attention_dims  # (no warm-up: the default)
-            for n in warmup_batches:  # first calls allocate and pick kernels: pay it now
-                probs, att = be.run(np.zeros((n, 3, 32, 32), dtype=np.uint8))
-                if probs.shape != (n, len(classes)) or att.ndim != 3:
-                    raise ModelLoadError(
-                        f"{mv.ref}: unexpected output shapes {probs.shape}, {att.shape}"
-                    )
-                attention_dims = tuple(att.shape[1:])
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # a broken artefact: say which version, keep serving
-            raise ModelLoadError(f"{mv.ref} failed to load on {prepared.device}: {exc}") from exc
-        log.info("warmed up %s in %.1fs", mv.ref, time.perf_counter() - t0)
-        info = {"name": mv.name, "version": mv.version, "backend": be.name, "device": be.device}
-        if auto is not None:
-            info["auto"] = auto
-        return cls(mv, be, classes, info, attention_dims)
-
-
-def load_backend(
-    registry: Registry,
-    mv: ModelVersion,
-    backend: str,
-    device: str,
-    materialize: bool = True,
-    cuda_graphs: bool = True,
-) -> Backend:
-    """Verify and open ``mv`` on the calling thread (tools, benchmarks and tests)."""
-    p = prepare(registry, mv, backend, device, materialize)
-    if p.backend == AUTO:
-        return open_fastest(p, cuda_graphs)[0]
-    return open_backend(p.backend, mv, p.artefact, p.device, cuda_graphs)

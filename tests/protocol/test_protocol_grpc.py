@@ -20,9 +20,9 @@ from tritonclient.grpc import service_pb2 as triton_pb
 from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
+from service.errors import ProtocolError
 from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
 from service.frontends.oip.codec import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.frontends.oip.codec.errors import ProtocolError
 from service.frontends.oip.codec.grpc_codec import (
     build_grpc_response,
     model_config_response,

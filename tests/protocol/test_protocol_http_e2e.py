@@ -17,7 +17,7 @@ import tritonclient.http as httpclient
 from oip_helpers import MAX_BATCH, images
 from tritonclient.utils import InferenceServerException
 
-from service.frontends.oip.codec.errors import ProtocolError
+from service.errors import ProtocolError
 from service.frontends.oip.codec.metadata import model_config, model_metadata, server_metadata
 from service.frontends.oip.codec.rest import (
     INFERENCE_HEADER_CONTENT_LENGTH,

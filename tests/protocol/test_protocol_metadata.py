@@ -15,7 +15,6 @@ from service.frontends.oip.codec.metadata import (
     model_metadata,
     perf_analyzer_input_data,
     server_metadata,
-    triton_platform,
 )
 from service.frontends.oip.codec.signature import SEEDNET, seednet_signature
 
@@ -94,9 +93,7 @@ def test_bad_input_view():
         model_config("m", "p", 4, None, inputs=[])
 
 
-def test_platforms_and_data_types():
-    assert triton_platform("torchscript") == "pytorch_libtorch"
-    assert triton_platform("onnx") == "onnxruntime_onnx"
+def test_data_types():
     assert config_data_type("BYTES") == "TYPE_STRING"
     assert config_data_type("UINT8") == "TYPE_UINT8"
 

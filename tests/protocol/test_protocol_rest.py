@@ -9,7 +9,7 @@ import pytest
 import tritonclient.http as httpclient
 from oip_helpers import MAX_BATCH, http_body, http_input, images, model_results
 
-from service.frontends.oip.codec.errors import ProtocolError
+from service.errors import ProtocolError
 from service.frontends.oip.codec.rest import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     build_rest_response,

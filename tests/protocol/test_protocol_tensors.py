@@ -11,7 +11,7 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
-from service.frontends.oip.codec.errors import ProtocolError
+from service.errors import ProtocolError
 from service.frontends.oip.codec.tensors import (
     NUMPY_DTYPES,
     byte_size,

@@ -92,7 +92,7 @@ def test_served_graph_matches_eager_preprocessing_and_model_on_real_jpegs(
 def test_a_flipped_byte_fails_verify_and_loading(served_registry, tmp_path, filename, backend):
     import shutil
 
-    from service.lifecycle.prepare import load_backend
+    from service.lifecycle.loading import load_backend
 
     root = tmp_path / "reg"
     shutil.copytree(served_registry, root)

@@ -12,8 +12,9 @@ import pytest
 
 from registry import Registry
 from seednet.quantize import QuantizationRefused, quantize_version
-from service.dataplane.backends import ModelLoadError
-from service.lifecycle.prepare import load_backend, prepare
+from service.errors import ModelLoadError
+from service.lifecycle.loading import load_backend
+from service.lifecycle.prepare import prepare
 from tests.conftest import REPO
 from training.data import load_split
 
@@ -73,7 +74,8 @@ def test_accepted_int8_export_records_both_accuracies_and_serves_by_name(registr
 
     be = load_backend(registry_copy, mv, "onnx-int8", "cpu")
     assert be.name == "onnx-int8"
-    probs, att = be.run(data[1][:5])
+    out = be.run(data[1][:5])
+    probs, att = out["probabilities"], out["attention"]
     assert probs.shape == (5, 10) and att.shape == (5, 7, 2)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)  # the softmax tail stays float
     assert np.allclose(att.sum(2), 1, atol=1e-5)

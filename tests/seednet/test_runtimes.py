@@ -10,7 +10,7 @@ from registry import Registry
 from seednet.export import verified_backends
 from seednet.runtimes import OpenVinoModel, openvino_available, ort_run, ort_session
 from service.dataplane.backends import BACKENDS
-from service.lifecycle.prepare import load_backend
+from service.lifecycle.loading import load_backend
 
 TOLERANCE = 1e-4
 
@@ -51,7 +51,7 @@ def test_openvino_matches_the_golden_set(tiny, batch):
 def test_openvino_outputs_are_copies_not_views_of_the_request_buffers(tiny):
     reg, mv, golden = tiny
     be = load_backend(reg, mv, "openvino", "cpu")
-    first, _ = be.run(golden["images"][:4])
+    first = be.run(golden["images"][:4])["probabilities"]
     kept = first.copy()
     be.run(golden["images"][4:8])  # the next batch must not overwrite the first answer
     assert np.array_equal(first, kept)
@@ -64,7 +64,8 @@ def test_every_fp32_backend_serves_the_golden_answers(tiny, backend):
     reg, mv, golden = tiny
     be = load_backend(reg, mv, backend, "cpu")
     assert be.name == backend and be.device == "cpu"
-    _assert_matches_golden(*be.run(golden["images"]), golden, 64)
+    out = be.run(golden["images"])
+    _assert_matches_golden(out["probabilities"], out["attention"], golden, 64)
 
 
 def test_a_failed_optional_check_leaves_only_that_backend_unverified():

@@ -21,7 +21,7 @@ def files(n: int) -> list:
 
 def hold_model_thread(srv: LiveServer) -> threading.Event:
     gate = threading.Event()
-    srv.app.state.service.batcher.executor.submit(gate.wait, 60)
+    srv.app.state.service.plane.batcher.executor.submit(gate.wait, 60)
     return gate
 
 
@@ -29,9 +29,8 @@ def queued(srv: LiveServer) -> float:
     return metric_value(httpx.get(f"{srv.url}/metrics").text, "seednet_queue_images")
 
 
-def batches_started(srv: LiveServer) -> float:
-    text = httpx.get(f"{srv.url}/metrics").text
-    return metric_value(text, "seednet_queue_wait_seconds_count")
+def running(srv: LiveServer) -> float:
+    return metric_value(httpx.get(f"{srv.url}/metrics").text, "seednet_running_images")
 
 
 def test_a_full_queue_is_refused_at_once_with_retry_after(served_registry):
@@ -52,7 +51,7 @@ def test_a_full_queue_is_refused_at_once_with_retry_after(served_registry):
             # a: taken into the (held) batch; b and c: 8 images waiting, the limit
             threads = [threading.Thread(target=post, args=(n,)) for n in "abc"]
             threads[0].start()
-            wait_until(lambda: batches_started(srv) == 1, 30, what="a to be taken")
+            wait_until(lambda: running(srv) == 4, 30, what="a to be taken")
             for t in threads[1:]:
                 t.start()
             wait_until(lambda: queued(srv) == 8, 30, what="8 images queued")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from registry import Registry
-from service.lifecycle.prepare import load_backend
+from service.lifecycle.loading import load_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,7 +30,8 @@ def test_gpu_backends_match_the_recorded_eager_outputs(golden, backend):
     images = ref["images"].numpy()
     # 1, 5 and 32 go through the captured graphs (padded to 1, 8, 32); 40 and 64 do not
     for n in (1, 5, 32, 40, 64):
-        probs, att = be.run(images[:n])
+        out = be.run(images[:n])
+        probs, att = out["probabilities"], out["attention"]
         assert probs.shape == (n, 10) and att.shape == (n, 7, 2)
         assert np.abs(probs - ref["probabilities"][:n].numpy()).max() < 1e-3
         assert np.abs(att - ref["attention"][:n].numpy()).max() < 1e-3
@@ -41,7 +42,7 @@ def test_cuda_graph_replays_do_not_leak_rows_between_calls(golden):
     be = load_backend(reg, mv, "torchscript", "cuda", cuda_graphs=True)
     assert be.graphs is not None and be.graphs.graphs, "CUDA graphs were not captured"
     images = ref["images"].numpy()
-    big, _ = be.run(images[:8])
+    big = be.run(images[:8])["probabilities"]
     small, _ = be.run(images[3:4])  # padded into the size-1 graph after an 8-row call
     assert np.abs(small[0] - big[3]).max() < 1e-4
     # The same graph twice, fewer rows the second time: rows 5..7 of the size-8 graph's

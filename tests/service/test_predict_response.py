@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from service.dataplane.images import PreparedImage
+from service.dataplane.images import ImageFile, PreparedImage
 from service.frontends.api.predict import PredictResponse, build_response, render_json
-from service.frontends.http.bodies import Upload
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 MODEL = SimpleNamespace(
@@ -29,7 +28,7 @@ def case(rng: np.random.Generator, n: int, kind: str):
     if kind == "ties":
         probs = np.round(probs, 2).astype(np.float32)
     att = rng.random((n, 7, 2)).astype(np.float32)
-    uploads = [Upload(None if i % 3 == 0 else f'cat-{i}-é猫".jpg', b"") for i in range(n)]
+    uploads = [ImageFile(None if i % 3 == 0 else f'cat-{i}-é猫".jpg', b"") for i in range(n)]
     pixels = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
     prepared = [PreparedImage(pixels[i], (640 + i, 480), "JPEG", "RGB") for i in range(n)]
     return uploads, prepared, probs, att

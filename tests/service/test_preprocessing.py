@@ -13,14 +13,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from service.dataplane.images import (
-    CorruptImageError,
-    EmptyFileError,
-    FileTooLargeError,
     ImageLimits,
     PreparedImage,
-    PreprocessingError,
-    TooManyPixelsError,
-    UnsupportedImageError,
     decode_image,
     decode_opened,
     open_image,
@@ -28,10 +22,22 @@ from service.dataplane.images import (
     to_model_input,
     to_rgb,
 )
-from service.errors import http_status
+from service.errors import (
+    CorruptImageError,
+    EmptyFileError,
+    FileTooLargeError,
+    ImageError,
+    TooManyPixelsError,
+    UnsupportedImageError,
+    failure_of,
+)
 from tests import image_factory as make
 
 LIMITS = ImageLimits()
+
+
+def http_status(err: Exception) -> int:
+    return failure_of(err).http
 
 
 def channel_means(array: np.ndarray) -> tuple[float, float, float]:
@@ -52,7 +58,7 @@ def assert_solid(prepared: PreparedImage, rgb: tuple[int, int, int], tol: int = 
     assert diff.max() <= tol, f"expected {rgb}, got means {channel_means(prepared.array)}"
 
 
-def expect_error(data: bytes, cls: type[PreprocessingError], limits: ImageLimits = LIMITS):
+def expect_error(data: bytes, cls: type[ImageError], limits: ImageLimits = LIMITS):
     with pytest.raises(cls) as info:
         preprocess(data, limits)
     assert type(info.value) is cls
@@ -83,10 +89,10 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_error_classes_carry_status_and_code(
-    cls: type[PreprocessingError], status: int, code: str
+    cls: type[ImageError], status: int, code: str
 ) -> None:
     err = cls()
-    assert isinstance(err, PreprocessingError)
+    assert isinstance(err, ImageError)
     assert http_status(err) == status
     assert err.code == code
     assert err.message and str(err) == err.message

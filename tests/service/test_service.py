@@ -459,13 +459,13 @@ def test_promote_during_load_swaps_to_the_new_weights_with_no_failed_request(
         admin_token=ADMIN_TOKEN,
     ) as srv:
         # what each version answers for this image, from models loaded outside the server
-        from service.lifecycle.prepare import load_backend
+        from service.lifecycle.loading import load_backend
 
         reg = Registry(root)
         expected = {
             v: load_backend(reg, reg.resolve("tiny", v), "torchscript", "cpu").run(
                 golden_1["images"][:1]
-            )[0][0]
+            )["probabilities"][0]
             for v in ("1", "2")
         }
         assert np.abs(expected["1"] - expected["2"]).max() > 1e-3, "tiny@1 == tiny@2"
@@ -541,7 +541,7 @@ def test_reload_under_load_never_overlaps_a_batch(served_registry, tmp_path, cif
         registry_root=root, model_name="tiny", device="cpu", admin_token=ADMIN_TOKEN
     ) as srv:
         spans: list[tuple[str, float, float]] = []
-        stats = srv.app.state.service.batcher.stats
+        stats = srv.app.state.service.plane.batcher.stats
         stats.on_span = lambda kind, start, end: spans.append((kind, start, end))
 
         async def reload_twice(client):
@@ -607,7 +607,8 @@ def test_every_stage_of_a_request_is_timed(server):
     def counts() -> dict[str, float]:
         text = httpx.get(f"{server.url}/metrics").text
         return {
-            s: metric_value(text, f'seednet_stage_seconds_count{{stage="{s}"}}') for s in stages
+            s: metric_value(text, f'seednet_stage_seconds_count{{protocol="rest",stage="{s}"}}')
+            for s in stages
         }
 
     before = counts()

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from service.frontends.http.bodies import ADMIN_BODY_BYTES, read_admin_json
-from service.frontends.http.deps import Admin, RegistryDep, State
+from service.frontends.http.deps import Admin, HostDep, RegistryDep, State
 
 router = APIRouter(tags=["models"])
 
@@ -74,8 +74,8 @@ PROMOTE_BODY = {
     dependencies=[Admin],
     summary="Re-resolve the configured alias and swap the serving model",
 )
-async def reload_model(state: State) -> dict:
-    model = await state.load(state.settings.model_ref)
+async def reload_model(state: State, host: HostDep) -> dict:
+    model = await host.load(state.settings.model_ref)
     return {"serving": model.info}
 
 
@@ -85,7 +85,9 @@ async def reload_model(state: State) -> dict:
     summary="Point an alias at a version; swaps the serving model if it is served",
     openapi_extra=PROMOTE_BODY,
 )
-async def promote(name: str, request: Request, state: State, registry: RegistryDep) -> dict:
+async def promote(
+    name: str, request: Request, state: State, host: HostDep, registry: RegistryDep
+) -> dict:
     s = state.settings
     try:
         body = PromoteRequest.model_validate(await read_admin_json(request, s))
@@ -96,7 +98,7 @@ async def promote(name: str, request: Request, state: State, registry: RegistryD
     if name == s.model_name and body.alias == s.model_ref:
         # Load first, move the alias, then swap: a version that cannot load is never
         # promoted, and a failed alias write leaves the old model serving.
-        await state.load(body.version, name, commit=move_alias)
+        await host.load(body.version, name, commit=move_alias)
     else:
         move_alias()
     return {

@@ -13,13 +13,13 @@ from fastapi import APIRouter, Query, Request, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from service.dataplane.decoding import decode_uploads
-from service.dataplane.images import PreparedImage
-from service.frontends.http.bodies import Upload, read_uploads
-from service.frontends.http.deps import ModelDep, State
-from service.lifecycle.prepare import ServingModel
+from service.dataplane.images import ImageFile, PreparedImage
+from service.dataplane.served import ServingModel
+from service.frontends.http.bodies import read_uploads
+from service.frontends.http.deps import ModelDep, PlaneDep, SettingsDep
 
 router = APIRouter(tags=["predict"])
+PROTOCOL = "rest"  # the metrics' protocol label of the JSON API
 
 
 class ModelRef(BaseModel):
@@ -110,32 +110,37 @@ def _png_data_url(array: np.ndarray) -> str:
 )
 async def predict(
     request: Request,
-    state: State,
+    plane: PlaneDep,
+    settings: SettingsDep,
     _model: ModelDep,  # 503 before reading a body while no model is loaded
     top_k: Annotated[int, Query(ge=1, le=10, description="how many top classes to list")] = 3,
     include_input: Annotated[
         bool, Query(description="return the 32x32 model input as PNG")
     ] = False,
 ) -> Response:
-    stage = state.metrics.observe_stage  # where the time goes (queue_wait, model: batcher)
     t0 = time.perf_counter()
-    uploads = await read_uploads(request, state.settings)
+    uploads = await read_uploads(request, settings)
+    plane.observe("read_body", PROTOCOL, time.perf_counter() - t0)
+    result = await plane.infer(files=uploads, protocol=PROTOCOL)
     t1 = time.perf_counter()
-    stage("read_body", t1 - t0)
-    # CPU work on the bounded decode pool, within the request's pixel budget.
-    prepared = await decode_uploads(state.decoder, uploads, state.limits)
-    stage("decode", time.perf_counter() - t1)
-    (probs, attention), model = await state.batcher.submit(np.stack([p.array for p in prepared]))
-    t2 = time.perf_counter()
-    payload = build_response(model, uploads, prepared, probs, attention, top_k, include_input)
+    assert result.images is not None  # (files in, decoded images out)
+    payload = build_response(
+        result.model,
+        uploads,
+        result.images,
+        result.outputs["probabilities"],
+        result.outputs["attention"],
+        top_k,
+        include_input,
+    )
     body = render_json(payload)
-    stage("serialise", time.perf_counter() - t2)
+    plane.observe("serialise", PROTOCOL, time.perf_counter() - t1)
     return Response(body, media_type="application/json")  # (FastAPI skips response_model)
 
 
 def build_response(
     model: ServingModel,
-    uploads: list[Upload],
+    uploads: list[ImageFile],
     prepared: list[PreparedImage],
     probs: np.ndarray,
     attention: np.ndarray,
@@ -158,7 +163,7 @@ def build_response(
     for upload, p, row, order, att in zip(uploads, prepared, rows, orders, blocks, strict=True):
         predictions.append(
             {
-                "filename": upload.filename,
+                "filename": upload.name,
                 "label": classes[order[0]],
                 "confidence": row[order[0]],
                 "probabilities": dict(zip(classes, row, strict=True)),

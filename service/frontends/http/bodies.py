@@ -1,6 +1,6 @@
 """Reading request bodies within the service's limits, as they arrive.
 
-Only bytes here: decoding is ``service.dataplane.images``'s job.
+Only bytes here: decoding is the data plane's job (``service.dataplane``).
 
 The body is read straight from the ASGI receive channel with a running byte count and a
 deadline, never through Starlette's ``request.form()`` (which spools a whole upload to
@@ -32,24 +32,20 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from service.config import Settings
-from service.dataplane.images import FileTooLargeError
-from service.errors import ApiError
+from service.dataplane.images import ImageFile
+from service.errors import (
+    BadRequest,
+    FileTooLargeError,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+)
 
 FIELDS = ("file", "files")
 ADMIN_BODY_BYTES = 4096  # {"version": "12", "alias": "production"} is 40 bytes
 MAX_PARTS = 256  # text fields and files of other names count too
 MAX_PART_HEADER_BYTES = 8192  # all headers of one part
-CLOSE = {"Connection": "close"}
-
-
-@dataclass(frozen=True)
-class Upload:
-    filename: str | None
-    data: bytes
-
-
-def _closing(exc: ApiError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message, {**(exc.headers or {}), **CLOSE})
 
 
 def declared_length(request: Request) -> int | None:
@@ -58,7 +54,7 @@ def declared_length(request: Request) -> int | None:
     if value is None:
         return None
     if not value.strip().isdigit():
-        raise ApiError(400, "bad_request", "Content-Length is not a number", CLOSE)
+        raise BadRequest("Content-Length is not a number", close=True)
     return int(value)
 
 
@@ -72,11 +68,8 @@ async def receive_body(request: Request, max_bytes: int, timeout: float) -> Asyn
     """The body's chunks as they arrive; 413 past ``max_bytes``, 408 after ``timeout`` s."""
     declared = declared_length(request)
     if declared is not None and declared > max_bytes:
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"the request body is {declared} bytes; at most {max_bytes} accepted",
-            CLOSE,
+        raise PayloadTooLarge(
+            f"the request body is {declared} bytes; at most {max_bytes} accepted", close=True
         )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -85,22 +78,17 @@ async def receive_body(request: Request, max_bytes: int, timeout: float) -> Asyn
         try:
             message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0))
         except asyncio.TimeoutError:
-            raise ApiError(
-                408,
-                "request_timeout",
+            raise RequestTimeout(
                 f"the request body did not arrive within {timeout:g} s ({received} bytes received)",
-                CLOSE,
+                close=True,
             ) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")
         received += len(chunk)
         if received > max_bytes:
-            raise ApiError(
-                413,
-                "payload_too_large",
-                f"the request body is over the limit of {max_bytes} bytes",
-                CLOSE,
+            raise PayloadTooLarge(
+                f"the request body is over the limit of {max_bytes} bytes", close=True
             )
         if chunk:
             yield chunk
@@ -114,7 +102,7 @@ class _Form:
 
     max_images: int
     max_file_bytes: int
-    uploads: list[Upload] = field(default_factory=list)
+    uploads: list[ImageFile] = field(default_factory=list)
     ended: bool = False
     parts: int = 0
     _headers: list[tuple[bytes, bytes]] = field(default_factory=list)
@@ -141,7 +129,7 @@ class _Form:
     def part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise ApiError(413, "too_many_parts", f"at most {MAX_PARTS} multipart parts")
+            raise PayloadTooLarge(f"at most {MAX_PARTS} multipart parts", code="too_many_parts")
         self._headers, self._header_bytes = [], 0
         self._field = self._value = b""
         self._filename, self._keep, self._chunks, self._size = None, False, [], 0
@@ -149,9 +137,7 @@ class _Form:
     def _count_header(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_PART_HEADER_BYTES:
-            raise ApiError(
-                413, "payload_too_large", f"a part's headers exceed {MAX_PART_HEADER_BYTES} bytes"
-            )
+            raise PayloadTooLarge(f"a part's headers exceed {MAX_PART_HEADER_BYTES} bytes")
 
     def header_field(self, data: bytes, start: int, end: int) -> None:
         self._count_header(end - start)
@@ -173,11 +159,11 @@ class _Form:
             return  # another field: counted against the body limit, not kept
         raw_filename = options.get(b"filename")
         if raw_filename is None:
-            raise ApiError(
-                422, "invalid_request", "'file' and 'files' must be file uploads, not text fields"
-            )
+            raise InvalidRequest("'file' and 'files' must be file uploads, not text fields")
         if len(self.uploads) >= self.max_images:
-            raise ApiError(413, "too_many_images", f"at most {self.max_images} images per request")
+            raise PayloadTooLarge(
+                f"at most {self.max_images} images per request", code="too_many_images"
+            )
         self._filename = raw_filename.decode("utf-8", "replace")
         self._keep = True
 
@@ -194,27 +180,25 @@ class _Form:
 
     def part_end(self) -> None:
         if self._keep:
-            self.uploads.append(Upload(self._filename, b"".join(self._chunks)))
+            self.uploads.append(ImageFile(self._filename, b"".join(self._chunks)))
             self._keep, self._chunks = False, []
 
     def end(self) -> None:
         self.ended = True
 
 
-async def read_uploads(request: Request, s: Settings) -> list[Upload]:
-    """The files of fields ``file``/``files``; 408/413/422 ApiErrors for what breaks a limit."""
+async def read_uploads(request: Request, s: Settings) -> list[ImageFile]:
+    """The files of fields ``file``/``files``; 408/413/422 errors for what breaks a limit."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
-        raise ApiError(
-            422,
-            "invalid_request",
+        raise InvalidRequest(
             "send the images as multipart/form-data in a field 'file' or 'files'",
-            CLOSE if has_unread_body(request) else None,
+            close=has_unread_body(request),
         )
     boundary = options.get(b"boundary")
     if not boundary:
-        raise ApiError(
-            422, "invalid_multipart", "the multipart Content-Type has no boundary", CLOSE
+        raise InvalidRequest(
+            "the multipart Content-Type has no boundary", code="invalid_multipart", close=True
         )
     form = _Form(max_images=s.max_images_per_request, max_file_bytes=s.max_upload_bytes)
     parser = MultipartParser(boundary, form.callbacks())
@@ -222,23 +206,21 @@ async def read_uploads(request: Request, s: Settings) -> list[Upload]:
         async for chunk in receive_body(request, s.max_request_bytes, s.timeout_body):
             parser.write(chunk)
         parser.finalize()
-    except FileTooLargeError as exc:  # mid-body: say so, and close
-        raise ApiError(413, exc.code, exc.message, CLOSE) from None
     except MultipartParseError as exc:
-        raise ApiError(
-            422, "invalid_multipart", f"the multipart body is malformed: {exc}", CLOSE
+        raise InvalidRequest(
+            f"the multipart body is malformed: {exc}", code="invalid_multipart", close=True
         ) from None
-    except ApiError as exc:
-        raise _closing(exc) from None
+    except ServiceError as exc:  # mid-body (a file too large, one image too many): close
+        exc.close = True
+        raise
     if not form.ended:
-        raise ApiError(
-            422, "invalid_multipart", "the multipart body ends before its closing boundary"
+        raise InvalidRequest(
+            "the multipart body ends before its closing boundary", code="invalid_multipart"
         )
     if not form.uploads:
-        raise ApiError(
-            422,
-            "missing_file",
+        raise InvalidRequest(
             "no image found: send it in a multipart field named 'file' (or several in 'files')",
+            code="missing_file",
         )
     return form.uploads
 
@@ -251,4 +233,4 @@ async def read_admin_json(request: Request, s: Settings) -> object:
     try:
         return json.loads(body or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(422, "invalid_request", f"the body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None

@@ -9,9 +9,11 @@ from fastapi import Depends, Request
 
 from registry import Registry
 from service.config import Settings
-from service.errors import ApiError
+from service.dataplane.inference import DataPlane
+from service.dataplane.served import ServingModel
+from service.errors import Forbidden, NotReady, Unauthorized
 from service.frontends.http.bodies import has_unread_body
-from service.lifecycle.prepare import ServingModel
+from service.lifecycle.host import ModelHost
 from service.state import ServiceState
 
 
@@ -30,11 +32,21 @@ def get_registry(state: State) -> Registry:
     return state.registry
 
 
-def require_model(state: State) -> ServingModel:
+def get_host(state: State) -> ModelHost:
+    if state.host is None:
+        raise NotReady()
+    return state.host
+
+
+def get_plane(state: State) -> DataPlane:
+    if state.plane is None:
+        raise NotReady()
+    return state.plane
+
+
+def require_model(host: Annotated[ModelHost, Depends(get_host)]) -> ServingModel:
     """The serving model, or 503 while none is loaded yet."""
-    if state.model is None:
-        raise ApiError(503, "not_ready", "the model is still loading; retry shortly")
-    return state.model
+    return host.current()
 
 
 def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
@@ -44,27 +56,23 @@ def require_admin(request: Request, settings: Annotated[Settings, Depends(get_se
     KiB); a refusal with a body still on the wire closes the connection rather than
     letting the server read the rest of it.
     """
-    close = {"Connection": "close"} if has_unread_body(request) else None
+    close = has_unread_body(request)
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("bearer "):
-        raise ApiError(
-            401,
-            "unauthorized",
-            "this route needs 'Authorization: Bearer <SEEDNET_ADMIN_TOKEN>'",
-            close,
+        raise Unauthorized(
+            "this route needs 'Authorization: Bearer <SEEDNET_ADMIN_TOKEN>'", close=close
         )
     if not settings.admin_token:
-        raise ApiError(
-            403,
-            "forbidden",
-            "admin routes are disabled: the server has no SEEDNET_ADMIN_TOKEN",
-            close,
+        raise Forbidden(
+            "admin routes are disabled: the server has no SEEDNET_ADMIN_TOKEN", close=close
         )
     if not secrets.compare_digest(header[7:].strip().encode(), settings.admin_token.encode()):
-        raise ApiError(403, "forbidden", "the admin token is not valid", close)
+        raise Forbidden("the admin token is not valid", close=close)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+HostDep = Annotated[ModelHost, Depends(get_host)]
+PlaneDep = Annotated[DataPlane, Depends(get_plane)]
 ModelDep = Annotated[ServingModel, Depends(require_model)]
 Admin = Depends(require_admin)

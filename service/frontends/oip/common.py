@@ -1,19 +1,34 @@
-"""What the two inference-protocol front ends (REST ``/v2`` and gRPC) share.
+"""What the inference protocol's two transports (REST ``/v2`` and gRPC) share.
 
-``service.frontends.oip.codec`` turns wire data into an ``InferRequest`` and back; this module
-is the service side of it: which model a name and version mean, the metadata and
-config documents, running a request through the same preprocessing and batcher as
-``/predict``, the request-size limit, and the one table from an error to a status
-(``error_status``), which the REST router and the gRPC servicer both apply.
+``codec`` turns wire data into an ``InferRequest`` and back; this module is the service
+side of it: which model a name and version mean, the metadata and config documents, the
+size limits of a request, and handing a parsed request to the data plane
+(:func:`run_inference`).
+Errors are the service's own (``service.errors``): each transport renders them from the
+one failure table.
 
 Names and versions: the model name is the registry name and versions are registry
 versions. The service serves one version at a time (the one ``SEEDNET_MODEL_REF``
 resolved to, or the last promoted); no version means that one. Another version that
 exists in the registry gets a 400 that says which version is served.
+
+Size limits, derived from the largest valid request (``max_images_per_request`` images):
+
+- the JSON part (REST): every image as JSON numbers (3,072 numbers of up to three digits,
+  a separator and a space each, plus brackets), plus 64 KiB of names, shapes and
+  parameters: about 1.3 MB for 64 images. JSON costs 20 to 30 times its size in memory
+  once parsed, so it stays this small (and holds at most as many ``[``/``{`` as the most
+  nested valid tensor); files go in the binary part;
+- the binary part (REST binary tensors, gRPC raw contents): the encoded files of one
+  ``/predict`` request (``max_request_bytes``, 16 MiB by default, or ``max_upload_bytes``
+  per image if that is less) with their 4-byte length prefixes, or the raw pixels,
+  whichever is larger;
+- a REST body or a gRPC message: the two together.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -23,55 +38,46 @@ import numpy as np
 
 from registry.errors import InvalidNameError, NotFoundError
 from service.config import Settings
-from service.dataplane.decoding import decode_uploads
-from service.dataplane.images import PreprocessingError
-from service.errors import ApiError, http_status
-from service.frontends.http.bodies import Upload
-from service.frontends.oip.codec.errors import ProtocolError
-from service.frontends.oip.codec.metadata import (
-    model_config,
-    model_metadata,
-    server_metadata,
-    triton_platform,
-)
+from service.dataplane.backends import PLATFORMS
+from service.dataplane.images import ImageFile
+from service.dataplane.inference import DataPlane, Inference
+from service.dataplane.served import ServingModel
+from service.errors import ModelNotFound, ModelNotServed, NotReady
+from service.frontends.oip.codec.metadata import model_config, model_metadata, server_metadata
 from service.frontends.oip.codec.request import InferRequest
 from service.frontends.oip.codec.signature import ModelSignature, seednet_signature
-from service.lifecycle.prepare import ServingModel
 from service.state import ServiceState
 
 SERVER_NAME = "seednet"
-#: Per image, the most a JSON ``images`` tensor takes: 3072 numbers of up to 3 digits,
-#: separators (and a space each, as pretty-printers write), brackets of a nested list.
+#: Per image, the most a JSON ``images`` tensor takes (see the module docstring).
 JSON_IMAGE_BYTES = 3 * 32 * 32 * 5 + 4 * 1024
 #: The JSON header of a request (names, shapes, parameters) on top of the tensor data.
 HEADER_ALLOWANCE = 64 * 1024
+#: Per image, the JSON containers (``[``/``{``) of the most nested valid ``images``
+#: tensor: one list per image, per channel and per row.
+JSON_IMAGE_CONTAINERS = 1 + 3 + 3 * 32
 
 
-class OipError(Exception):
-    """A request the service refuses, with its HTTP status (gRPC maps the status)."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """The byte limits of one inference request (see the module docstring)."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+    json_bytes: int
+    binary_bytes: int
+    json_containers: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.json_bytes + self.binary_bytes
 
 
-def error_status(exc: BaseException) -> tuple[int, str] | None:
-    """The HTTP status and message of an error a client caused; None for a server fault.
-
-    Image errors get the statuses ``/predict`` gives them (413 too large, 415 not an
-    image, 422 corrupt...), from the one table in ``service.errors``.
-    """
-    if isinstance(exc, OipError):
-        return exc.status, exc.message
-    if isinstance(exc, ProtocolError):
-        return 400, exc.message
-    if isinstance(exc, PreprocessingError):
-        return http_status(exc), exc.message
-    if isinstance(exc, NotFoundError | InvalidNameError):
-        return 404, " ".join(str(exc).split())
-    if isinstance(exc, ApiError):
-        return exc.status, exc.message
-    return None
+def request_limits(s: Settings) -> RequestLimits:
+    n = s.max_images_per_request
+    return RequestLimits(
+        json_bytes=n * JSON_IMAGE_BYTES + HEADER_ALLOWANCE,
+        binary_bytes=max(min(s.max_request_bytes, n * s.max_upload_bytes) + 4 * n, n * 3 * 32 * 32),
+        json_containers=n * JSON_IMAGE_CONTAINERS + 1024,
+    )
 
 
 def server_version() -> str:
@@ -79,17 +85,6 @@ def server_version() -> str:
         return package_version("seednet")
     except PackageNotFoundError:  # running from a checkout that was never installed
         return "0+unknown"
-
-
-def max_request_bytes(s: Settings) -> int:
-    """The largest inference request body accepted (REST body, gRPC message).
-
-    Enough for ``max_images_per_request`` images in the largest form allowed: encoded
-    files of up to ``max_upload_bytes`` (plus their 4-byte length prefix), or pixels as
-    JSON numbers, plus the JSON header.
-    """
-    per_image = max(s.max_upload_bytes + 4, JSON_IMAGE_BYTES)
-    return s.max_images_per_request * per_image + HEADER_ALLOWANCE
 
 
 @lru_cache(maxsize=8)
@@ -110,26 +105,24 @@ def served_model(state: ServiceState, name: str, version: str | None) -> Serving
     """
     model = state.model
     if model is None:
-        raise OipError(503, "the model is still loading; retry shortly")
+        raise NotReady()
     served, served_version = model.info["name"], model.info["version"]
     if name == served and version in (None, "", served_version):
         return model  # the common case touches no file
     try:
         versions = [mv.version for mv in state.registry.versions(name)]
     except (NotFoundError, InvalidNameError):
-        raise OipError(404, f"unknown model {name!r}; this service serves {served!r}") from None
+        raise ModelNotFound(f"unknown model {name!r}; this service serves {served!r}") from None
     if name != served:
-        raise OipError(
-            400,
+        raise ModelNotServed(
             f"model {name!r} is in the registry but not loaded: this service serves one "
             f"model version at a time, {served!r} version {served_version}",
         )
     if version not in versions:
-        raise OipError(
-            404, f"model {name!r} has no version {version!r}; its versions: {', '.join(versions)}"
+        raise ModelNotFound(
+            f"model {name!r} has no version {version!r}; its versions: {', '.join(versions)}"
         )
-    raise OipError(
-        400,
+    raise ModelNotServed(
         f"{name!r} version {version} exists but is not loaded: this service serves one "
         f"version at a time, version {served_version}",
     )
@@ -162,7 +155,7 @@ def model_metadata_doc(state: ServiceState, model: ServingModel) -> dict[str, An
     doc = model_metadata(
         model.info["name"],
         registry_versions(state, model),
-        triton_platform(model.info["backend"]),
+        PLATFORMS[model.info["backend"]],
         signature_of(model),
         inputs=ADVERTISED_INPUTS,
     )
@@ -184,7 +177,7 @@ def model_config_doc(state: ServiceState, model: ServingModel) -> dict[str, Any]
     s = state.settings
     return model_config(
         model.info["name"],
-        triton_platform(model.info["backend"]),
+        PLATFORMS[model.info["backend"]],
         max_batch_size=s.max_images_per_request,
         max_queue_delay_microseconds=round(s.max_batch_wait_ms * 1000) if s.batching else None,
         signature=signature_of(model),
@@ -192,22 +185,10 @@ def model_config_doc(state: ServiceState, model: ServingModel) -> dict[str, Any]
     )
 
 
-async def run_inference(
-    state: ServiceState, request: InferRequest
-) -> tuple[dict[str, np.ndarray], ServingModel]:
-    """The model's outputs for a validated request, and the model that computed them.
-
-    ``images`` go straight to the batcher; ``image_bytes`` are decoded first exactly as
-    ``/predict`` decodes uploads: same limits and errors, the same bounded decode pool and
-    per-request pixel budget.
-    """
+async def run_inference(plane: DataPlane, request: InferRequest, protocol: str) -> Inference:
+    """A validated request through the data plane: ``images`` as pixels, ``image_bytes``
+    as files (decoded exactly as ``/predict`` decodes uploads: same limits and errors)."""
     if request.images is not None:
-        pixels = np.ascontiguousarray(request.images, dtype=np.uint8)
-    else:
-        files = request.image_bytes or []
-        uploads = [Upload(f"image_bytes[{i}]", f) for i, f in enumerate(files)]
-        prepared = await decode_uploads(state.decoder, uploads, state.limits)
-        pixels = np.stack([p.array for p in prepared])
-    assert state.batcher is not None, "the batcher runs from start-up to shutdown"
-    (probs, attention), model = await state.batcher.submit(pixels)
-    return {"probabilities": probs, "attention": attention}, model
+        return await plane.infer(pixels=np.asarray(request.images), protocol=protocol)
+    files = [ImageFile(f"image_bytes[{i}]", f) for i, f in enumerate(request.image_bytes or [])]
+    return await plane.infer(files=files, protocol=protocol)

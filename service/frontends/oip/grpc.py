@@ -5,14 +5,16 @@ The six KServe rpcs plus Triton's ``ModelConfig`` (which perf_analyzer needs for
 
 The lifespan starts it (when ``SEEDNET_GRPC_PORT`` is set) after the model is loaded
 and stops it before the batcher stops. It runs in the same event loop as uvicorn and
-shares everything with the REST front ends: the serving model, the batcher (gRPC and
-HTTP requests are merged into the same forward passes), the image limits and the
-metrics. The largest message it accepts is ``service.frontends.oip.common.max_request_bytes``, the
-same limit as a REST body.
+hands every inference to the same data plane as the HTTP front ends (gRPC and HTTP
+requests are merged into the same forward passes, under the same limits and metrics).
+The largest message it takes is the inference protocol's request limit
+(``service.frontends.oip.common.request_limits``: the binary part plus the header).
 
-Errors: the status ``service.frontends.oip.common.error_status`` gives an error becomes a gRPC code
-(400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE...) with the same message,
-applied in one place (``_rpc``).
+Errors: every rpc goes through :func:`_rpc`, which counts it in the metrics and answers
+an error with the gRPC code, message and ``retry-after`` trailing metadata of the one
+failure table (``service.errors``); no traceback is logged for what a client or the load
+caused. A message that is not valid protobuf is answered ``INVALID_ARGUMENT`` the same
+way (:class:`_Undecodable`), not left to grpc's own traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from typing import Any, TypeVar
 
 import grpc
 
+from service.errors import (
+    ModelNotServed,
+    NotReady,
+    ProtocolError,
+    failure_of,
+    log_failure,
+    public_message,
+    retry_after,
+)
 from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
 from service.frontends.oip.codec import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.frontends.oip.codec.grpc_codec import (
@@ -35,11 +46,10 @@ from service.frontends.oip.codec.grpc_codec import (
     server_metadata_response,
 )
 from service.frontends.oip.common import (
-    OipError,
-    error_status,
-    max_request_bytes,
+    HEADER_ALLOWANCE,
     model_config_doc,
     model_metadata_doc,
+    request_limits,
     run_inference,
     served_model,
     server_metadata_doc,
@@ -50,25 +60,46 @@ from service.state import ServiceState
 log = logging.getLogger("seednet.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
-#: HTTP status of a refused request -> gRPC code (an image the service cannot take is
-#: a bad argument, whatever the HTTP status /predict gives it).
-GRPC_CODES: dict[int, grpc.StatusCode] = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    503: grpc.StatusCode.UNAVAILABLE,
-}
+PROTOCOL = "grpc"  # the metrics' protocol label
 GRACE_SECONDS = 5.0
+#: Responses are small (probabilities and attention of at most a few hundred images).
+MAX_SEND_BYTES = 16 * 1024 * 1024
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Method = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
+class _Undecodable:
+    """What a request that is not valid protobuf arrives as (see :class:`_SafeDecoding`)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, or worse
+            return _Undecodable(f"the message is not a valid protobuf request: {exc}")
+
+    return decode
+
+
+class _SafeDecoding(grpc.aio.ServerInterceptor):
+    """Hands an undecodable message to the rpc as :class:`_Undecodable` (which answers
+    INVALID_ARGUMENT and is counted), instead of grpc logging a traceback."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        return handler._replace(request_deserializer=_safe(handler.request_deserializer))
+
+
 def _rpc(method: Method) -> Method:
-    """Count the call in the metrics and turn any error into a gRPC status."""
+    """Count the call in the metrics and turn any error into the table's gRPC status."""
     route = f"{SERVICE}/{method.__name__}"
 
     @functools.wraps(method)
@@ -76,19 +107,19 @@ def _rpc(method: Method) -> Method:
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if isinstance(request, _Undecodable):
+                raise ProtocolError(request.reason)
             return await method(self, request, context)
         except Exception as exc:
-            mapped = error_status(exc)
-            if mapped is None:
-                log.exception("unexpected error in %s", route)
-                code, message = grpc.StatusCode.INTERNAL, "the server failed; it is logged"
-            else:
-                status, message = mapped
-                code = GRPC_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT)
-            await context.abort(code, message)  # raises: the call ends here
+            log_failure(exc, route)
+            code = grpc.StatusCode[failure_of(exc).grpc]
+            seconds = retry_after(exc)
+            if seconds is not None:
+                context.set_trailing_metadata((("retry-after", str(seconds)),))
+            await context.abort(code, public_message(exc))  # raises: the call ends here
         finally:
             self.state.metrics.on_request(
-                "grpc",
+                PROTOCOL,
                 route,
                 "RPC",
                 code.name,
@@ -117,10 +148,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         try:
             served_model(self.state, request.name, request.version)
-        except OipError as exc:
-            if exc.status == 404:  # a model the registry does not know is an error
-                raise
-            return pb.ModelReadyResponse(ready=False)  # known but not loaded (yet)
+        except (ModelNotServed, NotReady):  # known but not loaded (yet); unknown: an error
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
     @_rpc
@@ -143,22 +172,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        served_model(self.state, request.model_name, request.model_version)
-        parsed = parse_grpc_request(
-            request, max_batch_size=self.state.settings.max_images_per_request
-        )
-        results, model = await run_inference(self.state, parsed)
-        return build_grpc_response(
+        state = self.state
+        served_model(state, request.model_name, request.model_version)
+        plane = state.plane
+        if plane is None:
+            raise NotReady()
+        t0 = time.perf_counter()
+        parsed = parse_grpc_request(request, max_batch_size=state.settings.max_images_per_request)
+        plane.observe("parse", PROTOCOL, time.perf_counter() - t0)
+        result = await run_inference(plane, parsed, PROTOCOL)
+        t1 = time.perf_counter()
+        response = build_grpc_response(
             parsed,
-            results,
-            model_name=model.info["name"],
-            model_version=model.info["version"],
-            signature=signature_of(model),
+            result.outputs,
+            model_name=result.model.info["name"],
+            model_version=result.model.info["version"],
+            signature=signature_of(result.model),
         )
+        plane.observe("serialise", PROTOCOL, time.perf_counter() - t1)
+        return response
 
 
 def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def max_receive_bytes(state: ServiceState) -> int:
+    """The largest message taken: the binary part of a request plus its header."""
+    limit = request_limits(state.settings).binary_bytes + HEADER_ALLOWANCE
+    return min(limit, 2**31 - 1)  # gRPC's limits are int32
 
 
 async def start_grpc_server(state: ServiceState, port: int) -> grpc.aio.Server:
@@ -167,12 +209,12 @@ async def start_grpc_server(state: ServiceState, port: int) -> grpc.aio.Server:
     Records the bound port in ``state.grpc_port``; a port that cannot be bound stops
     start-up with an error.
     """
-    limit = min(max_request_bytes(state.settings), 2**31 - 1)  # gRPC's limits are int32
     server = grpc.aio.server(
+        interceptors=[_SafeDecoding()],
         options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ]
+            ("grpc.max_receive_message_length", max_receive_bytes(state)),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
     address = listen_address(state.settings.host, port)

@@ -6,15 +6,16 @@ the batcher and the image limits of ``/predict`` (``service.frontends.oip.common
 
 Errors are the protocol's shape, ``{"error": "<message>"}``, not the JSON API's:
 ``V2Route`` wraps every route of this router, so any error raised in a v2 route or
-its dependencies is turned into that shape in one place, with the status
-``service.frontends.oip.common.error_status`` gives it. Paths under ``/v2`` that match no route get
-the same shape from the catch-all route at the end.
+its dependencies is turned into that shape in one place, with the status, code and
+``Retry-After`` of the one failure table (``service.errors``). Paths under ``/v2`` that
+match no route get the same shape from the catch-all route at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -27,8 +28,10 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from service.errors import BadRequest, PayloadTooLarge, log_failure
 from service.frontends.http.bodies import receive_body
-from service.frontends.http.deps import State
+from service.frontends.http.deps import PlaneDep, State
+from service.frontends.http.rendering import v2_error, v2_error_response
 from service.frontends.oip.codec.rest import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     build_rest_response,
@@ -36,11 +39,9 @@ from service.frontends.oip.codec.rest import (
     parse_rest_request,
 )
 from service.frontends.oip.common import (
-    OipError,
-    error_status,
-    max_request_bytes,
     model_config_doc,
     model_metadata_doc,
+    request_limits,
     run_inference,
     served_model,
     server_metadata_doc,
@@ -51,10 +52,7 @@ log = logging.getLogger("seednet.v2")
 
 #: Bodies larger than this are parsed on a worker thread (JSON of many images is CPU work).
 INLINE_PARSE_BYTES = 256 * 1024
-
-
-def v2_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+PROTOCOL = "rest_v2"  # the metrics' protocol label
 
 
 class V2Route(APIRoute):
@@ -67,15 +65,13 @@ class V2Route(APIRoute):
             try:
                 return await handler(request)
             except StarletteHTTPException as exc:
-                return v2_error(exc.status_code, str(exc.detail))
+                return v2_error_response(exc.status_code, str(exc.detail))
             except RequestValidationError as exc:  # (every v2 parameter is a string today)
-                return v2_error(400, "; ".join(str(e.get("msg")) for e in exc.errors()))
+                message = "; ".join(str(e.get("msg")) for e in exc.errors())
+                return v2_error_response(400, message)
             except Exception as exc:
-                mapped = error_status(exc)
-                if mapped is None:
-                    log.exception("unexpected error in %s %s", request.method, request.url.path)
-                    return v2_error(500, "the server failed to handle this request; it is logged")
-                return v2_error(*mapped)
+                log_failure(exc, f"{request.method} {request.url.path}")
+                return v2_error(exc)
 
         return handle
 
@@ -138,7 +134,7 @@ async def live() -> dict:
 )
 async def ready(state: State) -> Response:
     if not state.ready:  # the protocol says 4xx for "not ready"
-        return v2_error(400, "the model is still loading")
+        return v2_error_response(400, "the model is still loading")
     return JSONResponse({"ready": True})
 
 
@@ -159,23 +155,37 @@ async def model_config(name: str, version: Version, state: State) -> dict:
 
 
 @model_route("POST", "/infer", "Inference: images (UINT8) or image_bytes (BYTES), JSON or binary")
-async def infer(name: str, version: Version, request: Request, state: State) -> Response:
+async def infer(
+    name: str, version: Version, request: Request, state: State, plane: PlaneDep
+) -> Response:
     settings = state.settings
     served_model(state, name, version)  # 404/400/503 before reading the body
-    body = await read_body(request, max_request_bytes(settings), settings.timeout_body)
+    limits = request_limits(settings)
+    t0 = time.perf_counter()
+    body = await read_body(request, limits.total_bytes, settings.timeout_body)
+    t1 = time.perf_counter()
+    plane.observe("read_body", PROTOCOL, t1 - t0)
     length = parse_header_length(request.headers.get(INFERENCE_HEADER_CONTENT_LENGTH))
     parse = partial(
-        parse_rest_request, body, length, max_batch_size=settings.max_images_per_request
+        parse_rest_request,
+        body,
+        length,
+        max_batch_size=settings.max_images_per_request,
+        max_json_bytes=limits.json_bytes,
+        max_json_containers=limits.json_containers,
     )
     parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
-    results, model = await run_inference(state, parsed)
+    plane.observe("parse", PROTOCOL, time.perf_counter() - t1)
+    result = await run_inference(plane, parsed, PROTOCOL)
+    t2 = time.perf_counter()
     response = build_rest_response(
         parsed,
-        results,
-        model_name=model.info["name"],
-        model_version=model.info["version"],
-        signature=signature_of(model),
+        result.outputs,
+        model_name=result.model.info["name"],
+        model_version=result.model.info["version"],
+        signature=signature_of(result.model),
     )
+    plane.observe("serialise", PROTOCOL, time.perf_counter() - t2)
     return Response(response.body, headers=response.headers)
 
 
@@ -193,8 +203,9 @@ async def no_such_route(request: Request) -> Response:
         if isinstance(route, APIRoute) and route.path != CATCH_ALL:
             match, _ = route.matches({**request.scope, "method": "\0"})
             if match == Match.PARTIAL:
-                return v2_error(405, f"{request.method} is not allowed on {request.url.path}")
-    return v2_error(404, f"no such route: {request.url.path}")
+                message = f"{request.method} is not allowed on {request.url.path}"
+                return v2_error_response(405, message)
+    return v2_error_response(404, f"no such route: {request.url.path}")
 
 
 #: Content-Encoding values tritonclient can send, and their zlib window bits.
@@ -207,7 +218,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     too_large = f"the request body is over the limit of {limit} bytes"
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", *_DECODERS):
-        raise OipError(400, f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+        raise BadRequest(f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
     body = b"".join([chunk async for chunk in receive_body(request, limit, timeout)])
     if encoding == "identity":
         return body
@@ -215,9 +226,9 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     try:
         out = decoder.decompress(body, limit + 1)  # never inflate past the limit
     except zlib.error as exc:
-        raise OipError(400, f"the {encoding} body cannot be decompressed: {exc}") from None
+        raise BadRequest(f"the {encoding} body cannot be decompressed: {exc}") from None
     if len(out) > limit:
-        raise OipError(413, too_large)
+        raise PayloadTooLarge(too_large)
     if not decoder.eof:
-        raise OipError(400, f"the {encoding} body is truncated")
+        raise BadRequest(f"the {encoding} body is truncated")
     return out

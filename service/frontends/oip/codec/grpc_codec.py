@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import ProtocolError
 from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
-from service.frontends.oip.codec.errors import ProtocolError
 from service.frontends.oip.codec.outputs import output_tensors
 from service.frontends.oip.codec.request import (
     InferRequest,
@@ -31,6 +31,7 @@ from service.frontends.oip.codec.request import (
 from service.frontends.oip.codec.signature import SEEDNET, ModelSignature
 from service.frontends.oip.codec.tensors import (
     GRPC_CONTENTS_FIELDS,
+    MAX_DIMS,
     decode_grpc_contents,
     decode_raw,
     encode_raw,
@@ -67,7 +68,11 @@ def parse_grpc_request(
         )
     headers = []
     for inp in msg.inputs:
-        where = f"input {inp.name!r}"
+        where = f"input {inp.name[:64]!r}"
+        if len(inp.shape) > MAX_DIMS:
+            raise ProtocolError(
+                f"{where}: shape has {len(inp.shape)} dimensions; at most {MAX_DIMS}"
+            )
         shape = tuple(int(d) for d in inp.shape)
         if any(d < 0 for d in shape):
             raise ProtocolError(f"{where}: shape must be non-negative, got {list(shape)}")

@@ -44,19 +44,6 @@ from service.frontends.oip.codec.tensors import serialize_bytes
 #: Protocol extensions this package implements (reported in server metadata).
 EXTENSIONS: tuple[str, ...] = ("binary_tensor_data", "classification", "model_configuration")
 
-#: Service backend -> Triton platform name (TorchScript and eager both run on libtorch).
-TRITON_PLATFORMS: dict[str, str] = {
-    "torchscript": "pytorch_libtorch",
-    "eager": "pytorch_libtorch",
-    "onnx": "onnxruntime_onnx",
-}
-
-
-def triton_platform(backend: str) -> str:
-    """The Triton platform string for one of the service's backends."""
-    return TRITON_PLATFORMS[backend]
-
-
 def config_data_type(datatype: str) -> str:
     """Protocol datatype -> Triton model-config ``data_type`` (BYTES is TYPE_STRING)."""
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from service.frontends.oip.codec.errors import ProtocolError
+from service.errors import ProtocolError
 from service.frontends.oip.codec.signature import ModelSignature, TensorSpec
 from service.frontends.oip.codec.tensors import Tensor
 

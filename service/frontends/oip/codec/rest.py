@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
-from service.frontends.oip.codec.errors import ProtocolError
+from service.errors import PayloadTooLarge, ProtocolError
 from service.frontends.oip.codec.outputs import output_tensors
 from service.frontends.oip.codec.request import (
     InferRequest,
@@ -86,12 +87,16 @@ def parse_rest_request(
     *,
     max_batch_size: int,
     signature: ModelSignature = SEEDNET,
+    max_json_bytes: int | None = None,
+    max_json_containers: int | None = None,
 ) -> InferRequest:
     """Parse a ``POST /v2/models/{m}[/versions/{v}]/infer`` body into an InferRequest.
 
     ``header_length`` is the ``Inference-Header-Content-Length`` value (see
     ``parse_header_length``); None or 0 means the whole body is JSON, as in Triton.
-    Raises ProtocolError for anything a client got wrong.
+    ``max_json_bytes`` (413 past it) and ``max_json_containers`` (arrays and objects)
+    bound what JSON parsing may cost, checked before parsing. Raises ProtocolError for
+    anything a client got wrong.
     """
     body = bytes(body)
     if header_length:
@@ -103,9 +108,21 @@ def parse_rest_request(
         head, tail = body[:header_length], memoryview(body)[header_length:]
     else:
         head, tail = body, memoryview(b"")
+    if max_json_bytes is not None and len(head) > max_json_bytes:
+        raise PayloadTooLarge(
+            f"the JSON part of the request is {len(head)} bytes; at most {max_json_bytes} "
+            "(send image files and large tensors as binary data)"
+        )
+    if max_json_containers is not None:
+        containers = head.count(b"[") + head.count(b"{")
+        if containers > max_json_containers:
+            raise ProtocolError(
+                f"the JSON holds {containers} arrays and objects; a valid request holds "
+                f"at most {max_json_containers}"
+            )
     try:
-        doc = json.loads(head)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        doc = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"the request is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ProtocolError("the request must be a JSON object")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from service.frontends.oip.codec.errors import ProtocolError
+from service.errors import ProtocolError
 
 #: Protocol datatype -> numpy dtype (little-endian, as the wire is). BYTES -> object.
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -55,6 +55,9 @@ GRPC_CONTENTS_FIELDS: dict[str, str] = {
 }
 
 _LENGTH = struct.Struct("<I")
+#: The most dimensions a tensor may have: enough for any model, small enough that a
+#: hostile shape list is refused before it is walked (or echoed in an error).
+MAX_DIMS = 8
 Tensor = np.ndarray | list[bytes]
 
 
@@ -79,7 +82,9 @@ def datatype_of(dtype: np.dtype | type) -> str:
 
 
 def parse_shape(value: Any, where: str) -> tuple[int, ...]:
-    """A request's ``shape``: a list of non-negative integers."""
+    """A request's ``shape``: a list of at most :data:`MAX_DIMS` non-negative integers."""
+    if isinstance(value, list | tuple) and len(value) > MAX_DIMS:
+        raise ProtocolError(f"{where}: shape has {len(value)} dimensions; at most {MAX_DIMS}")
     if not isinstance(value, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):

@@ -1,0 +1,99 @@
+"""The one inference path: image files or pixels in, the model's outputs out.
+
+Every front end (the JSON API's ``/predict``, the inference protocol over REST and over
+gRPC) parses its wire format into files or pixels, calls :meth:`DataPlane.infer`, and
+renders what comes back; none touches the decode pool or the batcher. So every protocol
+gets the same decoding (limits, errors, the bounded fair pool and the per-request pixel
+budget), the same batches and admission control, and the same stage metrics, labelled
+with the protocol::
+
+    files  -> decode pool (headers, budget, decode, resize) --+
+    pixels ---------------------------------------------------+-> batcher -> model thread
+                                                                       -> outputs by name
+
+Stages (``seednet_stage_seconds{stage, protocol}``): ``read_body`` and ``parse`` (the
+front end's, reported through :meth:`DataPlane.observe`), ``decode``, ``queue_wait``,
+``model``, then ``serialise`` (the front end's again).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.dataplane.backends import Outputs
+from service.dataplane.batching import Batcher
+from service.dataplane.decoding import DecodePool, decode_files
+from service.dataplane.images import ImageFile, ImageLimits, PreparedImage
+from service.dataplane.served import ServingModel
+from service.errors import BadRequest
+from service.metrics import Metrics
+
+#: What the model takes: uint8 RGB images at the model's resolution, channels first.
+PIXEL_SHAPE = (3, 32, 32)
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One request's answer: every output's rows, the model that computed them, and the
+    decoded images (files only: their original size and the 32x32 input the model saw)."""
+
+    outputs: Outputs
+    model: ServingModel
+    images: list[PreparedImage] | None = None
+
+
+class DataPlane:
+    """Decode, batch, run: what every front end calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        decoder: DecodePool,
+        limits: ImageLimits,
+        metrics: Metrics,
+        current_model: Callable[[], ServingModel],
+    ) -> None:
+        self.batcher = batcher
+        self.decoder = decoder
+        self.limits = limits
+        self.metrics = metrics
+        self.current_model = current_model
+
+    def observe(self, stage: str, protocol: str, seconds: float) -> None:
+        """A front end's own stage (``read_body``, ``parse``, ``serialise``)."""
+        self.metrics.observe_stage(stage, protocol, seconds)
+
+    async def infer(
+        self,
+        *,
+        protocol: str,
+        files: Sequence[ImageFile] | None = None,
+        pixels: np.ndarray | None = None,
+        model: ServingModel | None = None,
+    ) -> Inference:
+        """The outputs for ``files`` (decoded as uploads) or ``pixels`` (uint8
+        ``[N, 3, 32, 32]``), exactly one of them; ``model`` pins a model (None: the one
+        serving when the batch runs). Raises the service's errors (``service.errors``)."""
+        if (files is None) == (pixels is None):
+            raise ValueError("give exactly one of files, pixels")
+        self.current_model()  # 503 while none is loaded, before any work is done
+        images = None
+        if files is not None:
+            t0 = time.perf_counter()
+            images = await decode_files(self.decoder, files, self.limits)
+            self.metrics.observe_stage("decode", protocol, time.perf_counter() - t0)
+            pixels = np.stack([p.array for p in images])
+        assert pixels is not None
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != PIXEL_SHAPE:
+            raise BadRequest(
+                f"pixels must be uint8 [N, {', '.join(map(str, PIXEL_SHAPE))}], "
+                f"got {pixels.dtype} {list(pixels.shape)}"
+            )
+        result = await self.batcher.submit(np.ascontiguousarray(pixels), model)
+        self.metrics.observe_stage("queue_wait", protocol, result.queue_wait)
+        self.metrics.observe_stage("model", protocol, result.model_seconds)
+        return Inference(result.outputs, result.model, images)

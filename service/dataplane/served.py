@@ -1,0 +1,34 @@
+"""A loaded model as the data plane sees it: a backend to run, and what it answers with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from registry import ModelVersion
+from service.dataplane.backends import Backend
+
+
+@dataclass
+class ServingModel:
+    """A loaded, warmed-up model version (``service.lifecycle.loading`` makes them).
+
+    ``output_dims``: each output's per-image shape, as the warm-up saw it (the inference
+    protocol's metadata is built from it). ``seconds_per_image``: model time per image at
+    a full batch, measured at load; admission control starts from it.
+    """
+
+    version: ModelVersion
+    backend: Backend
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+    output_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    seconds_per_image: float = 0.0
+
+    @property
+    def attention_dims(self) -> tuple[int, ...]:
+        """Per-image shape of the attention output: (blocks, branches)."""
+        return self.output_dims.get("attention", (7, 2))
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref

@@ -1,0 +1,85 @@
+"""The model a service process serves, and how it changes: load beside, then swap.
+
+:class:`ModelHost` owns the serving model. A load verifies and exports on a worker thread
+(``prepare``), then opens, captures and warms up on the model thread, between batches
+(``load_model``); requests keep flowing to the old model meanwhile, and a batch that
+started finishes on the model it started with, so no request fails. With several worker
+processes, a promote reaches one of them; :meth:`ModelHost.follow_alias` makes the others
+follow the alias.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from registry import Registry
+from service.config import Settings
+from service.dataplane.batching import Batcher
+from service.dataplane.served import ServingModel
+from service.errors import NotReady
+from service.lifecycle.loading import load_model
+from service.lifecycle.prepare import prepare
+from service.metrics import Metrics
+
+log = logging.getLogger("seednet.host")
+
+
+class ModelHost:
+    """The serving model of this process (see the module docstring)."""
+
+    def __init__(
+        self, settings: Settings, registry: Registry, metrics: Metrics, batcher: Batcher
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.batcher = batcher
+        self.model: ServingModel | None = None
+        self._swap_lock = asyncio.Lock()
+
+    def current(self) -> ServingModel:
+        """The serving model; :class:`NotReady` (503) while none is loaded yet."""
+        if self.model is None:
+            raise NotReady()
+        return self.model
+
+    async def load(
+        self, ref: str, name: str | None = None, commit: Callable[[], None] | None = None
+    ) -> ServingModel:
+        """Load ``name@ref`` next to the serving model, then swap it in atomically.
+
+        ``commit`` (e.g. moving an alias) runs just before the swap: if it raises, the old
+        model keeps serving and nothing changed.
+        """
+        s = self.settings
+        async with self._swap_lock:
+            mv = self.registry.resolve(name or s.model_name, ref)
+            prepared = await asyncio.to_thread(
+                prepare, self.registry, mv, s.backend, s.device, s.materialize_exports
+            )
+            model = await self.batcher.run_in_model_thread(load_model, prepared, s.cuda_graphs)
+            if commit is not None:
+                commit()
+            previous, self.model = self.model, model
+            self.metrics.set_model(model.info)
+            if previous is not None:
+                self.metrics.model_swaps.inc()
+            log.info("serving %s on %s/%s", mv.ref, model.info["backend"], model.info["device"])
+            return model
+
+    async def follow_alias(self, every: float) -> None:
+        """Swap to whatever SEEDNET_MODEL_REF resolves to now, checked every ``every`` s.
+
+        A version that fails to load is logged and retried; the loaded model keeps serving.
+        """
+        s = self.settings
+        while True:
+            await asyncio.sleep(every)
+            try:
+                target = self.registry.resolve(s.model_name, s.model_ref).version
+                if self.model is not None and target != self.model.version.version:
+                    await self.load(s.model_ref)
+            except Exception as exc:  # keep serving the loaded model; say why once a cycle
+                log.warning("following %s@%s: %s", s.model_name, s.model_ref, exc)
