@@ -108,9 +108,7 @@ def open_fastest(
         if be.device == device:  # e.g. ONNX Runtime without a working CUDA provider
             opened[name] = be
         else:
-            log.warning(
-                "auto: %s runs on %s, not %s: not a candidate", name, be.device, device
-            )
+            log.warning("auto: %s runs on %s, not %s: not a candidate", name, be.device, device)
     figures = measure(opened)
     chosen = min(figures, key=lambda n: figures[n]["score_ms_per_image"])
     result = {

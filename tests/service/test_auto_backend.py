@@ -56,9 +56,7 @@ def test_auto_measures_every_verified_fp32_backend_and_answers_like_torchscript(
         for name in want:
             assert np.abs(got[name] - want[name]).max() <= 1e-4
     # a later load of the same network reuses the measurement instead of stalling batches
-    again = load_model(
-        prepare(registry_copy, registry_copy.resolve("tiny", "2"), "auto", "cpu")
-    )
+    again = load_model(prepare(registry_copy, registry_copy.resolve("tiny", "2"), "auto", "cpu"))
     assert again.info["auto"]["reused"] is True
     assert again.info["backend"] == auto["chosen"]
 

@@ -88,9 +88,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
         (CorruptImageError, 422, "corrupt_image"),
     ],
 )
-def test_error_classes_carry_status_and_code(
-    cls: type[ImageError], status: int, code: str
-) -> None:
+def test_error_classes_carry_status_and_code(cls: type[ImageError], status: int, code: str) -> None:
     err = cls()
     assert isinstance(err, ImageError)
     assert http_status(err) == status

@@ -44,6 +44,7 @@ from service.frontends.oip.codec.tensors import serialize_bytes
 #: Protocol extensions this package implements (reported in server metadata).
 EXTENSIONS: tuple[str, ...] = ("binary_tensor_data", "classification", "model_configuration")
 
+
 def config_data_type(datatype: str) -> str:
     """Protocol datatype -> Triton model-config ``data_type`` (BYTES is TYPE_STRING)."""
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
