@@ -8,6 +8,18 @@
 - ``seednet`` (core): never FastAPI/Starlette/uvicorn, never ``training`` or ``service``;
 - ``training`` never imports ``service``; ``service`` never imports ``training``.
 
+Inside ``service`` (docs/architecture.md, "The service's layers"): the wire front ends
+call the data plane, which runs the model runtime, never the other way round::
+
+    frontends ─> state ─> lifecycle ─> dataplane ─> errors, config, metrics
+
+- ``service.dataplane`` imports no front end, no lifecycle, no web framework or gRPC;
+- ``service.lifecycle`` imports no front end and no web framework or gRPC;
+- ``service.errors``, ``service.config`` and ``service.metrics`` are the floor: no other
+  service module, and ``errors`` no web framework or gRPC (it is rendered per protocol);
+- a front end never touches the batcher or the decode pool: it calls
+  ``service.dataplane.inference``.
+
 Every import statement counts, including those inside functions.
 """
 
@@ -56,8 +68,63 @@ def violations(root: Path) -> list[str]:
     return found
 
 
+WIRE = WEB | {"grpc", "python_multipart"}
+FLOOR = ("service.errors", "service.config", "service.metrics")
+#: service sub-layer -> module prefixes it must not import.
+SERVICE_FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "service.dataplane": (
+        "service.frontends",
+        "service.lifecycle",
+        "service.state",
+        "service.app",
+        *WIRE,
+    ),
+    "service.lifecycle": ("service.frontends", "service.state", "service.app", *WIRE),
+    "service.frontends": ("service.dataplane.batching", "service.dataplane.decoding"),
+    "service.errors": ("service", *WIRE),
+    "service.config": ("service",),
+    "service.metrics": ("service",),
+}
+
+
+def imported_full(path: Path) -> set[str]:
+    """Full dotted names ``path`` imports (``from a import b`` names ``a`` and ``a.b``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def service_violations(root: Path) -> list[str]:
+    found = []
+    for path in sorted((root / "service").rglob("*.py")):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        layer = next((layer for layer in SERVICE_FORBIDDEN if _under(module, layer)), None)
+        if layer is None:
+            continue
+        for name in sorted(imported_full(path)):
+            allowed = layer in FLOOR and any(_under(name, f) for f in FLOOR)
+            bad = any(_under(name, p) for p in SERVICE_FORBIDDEN[layer])
+            if bad and not allowed:
+                found.append(f"{path.relative_to(root)} imports {name}")
+    return found
+
+
 def test_the_layers_import_only_downwards() -> None:
     assert violations(REPO) == []
+
+
+def test_the_service_layers_import_only_downwards() -> None:
+    assert service_violations(REPO) == []
 
 
 def test_the_check_fails_on_planted_violations(tmp_path: Path) -> None:
@@ -76,4 +143,28 @@ def test_the_check_fails_on_planted_violations(tmp_path: Path) -> None:
         "seednet/export.py imports fastapi",
         "training/cli.py imports service",
         "service/app.py imports training",
+    ]
+
+
+def test_the_service_check_fails_on_planted_violations(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "service", tmp_path / "service", ignore=shutil.ignore_patterns("*.pyc"))
+    plants = {
+        "service/dataplane/batching.py": "from service.frontends.http.deps import State",
+        "service/lifecycle/loading.py": "def _lazy():\n    import fastapi",
+        "service/frontends/api/predict.py": "from service.dataplane.batching import Batcher",
+        "service/errors.py": "import grpc",
+        "service/metrics.py": "from service.state import ServiceState",
+    }
+    for name, line in plants.items():
+        with open(tmp_path / name, "a") as f:
+            f.write(f"\n{line}\n")
+    assert service_violations(tmp_path) == [
+        "service/dataplane/batching.py imports service.frontends.http.deps",
+        "service/dataplane/batching.py imports service.frontends.http.deps.State",
+        "service/errors.py imports grpc",
+        "service/frontends/api/predict.py imports service.dataplane.batching",
+        "service/frontends/api/predict.py imports service.dataplane.batching.Batcher",
+        "service/lifecycle/loading.py imports fastapi",
+        "service/metrics.py imports service.state",
+        "service/metrics.py imports service.state.ServiceState",
     ]
