@@ -231,9 +231,8 @@ class Batcher:
         finally:
             for c in chunks:  # one chunk failed or the caller left: drop the rest unrun
                 c.future.cancel()
-            waiting.cancel()
-            if waiting.done() and not waiting.cancelled():
-                waiting.exception()  # (retrieved: asyncio would warn about it otherwise)
+            # (its outcome is known here; retrieving it keeps asyncio from warning)
+            waiting.add_done_callback(lambda f: f.cancelled() or f.exception())
         served_by = chunks[0].future.result()
         if len(chunks) == 1:
             outputs = chunks[0].outputs
