@@ -15,7 +15,6 @@ import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -65,16 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 on_running=metrics.on_running,
                 on_reject=metrics.on_reject,
             ),
-            max_queue_images=settings.max_queue_images,
-            queue_timeout=settings.queue_timeout_ms / 1000 or None,
+            max_queue_images=settings.max_queue_images if settings.admission else None,
+            queue_timeout=settings.queue_timeout_ms / 1000 if settings.admission else None,
         )
         batcher.start()
         host = ModelHost(settings, state.registry, metrics, batcher)
         decoder = DecodePool(settings.decode_threads())
         state.host = host
         state.plane = DataPlane(batcher, decoder, limits, metrics, host.current)
-        # Before the first forward pass, on the thread that runs them.
-        await batcher.run_in_model_thread(torch.set_num_threads, settings.torch_threads())
         await host.load(settings.model_ref)  # a failure here stops start-up, loudly
         watcher = None
         if settings.alias_poll_seconds:

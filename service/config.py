@@ -6,6 +6,7 @@ Every field is documented in README.md ("Configuration"). ``create_app`` takes a
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -14,12 +15,28 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+def _cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs the cgroup's quota allows (a container's or a Kubernetes pod's CPU limit), or
+    None without a quota. cgroup v2 only: ``max 100000`` or ``QUOTA PERIOD``."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = Path(path).read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (``--cpuset-cpus``, ``taskset``), and
+    no more than its cgroup's CPU quota (``docker --cpus``, a pod's CPU limit), which a
+    runtime would otherwise ignore and start a thread per core of the whole node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return min(cpus, quota) if quota is not None else cpus
 
 
 class Settings(BaseSettings):
@@ -30,10 +47,17 @@ class Settings(BaseSettings):
     registry_root: Path = Field(Path("models"), description="registry folder")
     model_name: str = Field("seednet", description="registry model name to serve")
     model_ref: str = Field("production", description="alias or version number to serve")
-    backend: Literal["auto", "torchscript", "onnx", "openvino", "onnx-int8", "eager"] = Field(
+    backend: Literal[
+        "auto", "auto-fp32", "torchscript", "onnx", "openvino", "onnx-int8", "eager"
+    ] = Field(
         "auto",
-        description="auto = the fastest verified fp32 backend, measured at load; "
-        "onnx-int8 only when named",
+        description="auto = the fastest verified backend on this host, int8 included when "
+        "its accuracy gate passed; auto-fp32 = the fastest full-precision one",
+    )
+    auto_remeasure: bool = Field(
+        False,
+        description="measure auto's candidates again at start instead of reusing the "
+        "choice recorded for this host and version",
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = GPU if present")
     materialize_exports: bool = Field(
@@ -53,14 +77,13 @@ class Settings(BaseSettings):
     decode_workers: int | None = Field(
         None,
         gt=0,
-        description="threads decoding images, shared fairly by all requests (unset: half "
-        "of this worker's CPUs, 1 to 4)",
+        description="threads decoding images, shared fairly by all requests (unset: this "
+        "worker's CPUs, at most 4)",
     )
     inference_threads: int | None = Field(
         None,
         gt=0,
-        description="model runtime threads per worker (unset: this worker's CPUs left by "
-        "the decode threads, >= 1)",
+        description="model runtime threads per worker (unset: chosen per backend, see threads_for)",
     )
 
     # Slow clients. uvicorn's own settings where it has one; the header and body
@@ -84,11 +107,23 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, gt=0, description="images per forward pass")
     max_batch_wait_ms: float = Field(2.0, ge=0, description="how long a batch waits to fill")
     cuda_graphs: bool = Field(True, description="replay CUDA graphs for small batches on GPU")
-    max_queue_images: int = Field(
-        512, gt=0, description="images that may wait for a batch; more are refused with 429"
+    admission: bool = Field(
+        True,
+        description="admission control: refuse at once (429) what cannot start within "
+        "queue_timeout_ms at the measured model speed; answer 503 to a request whose "
+        "deadline passed before its batch started (false: queue without limit)",
+    )
+    max_queue_images: int | None = Field(
+        None,
+        gt=0,
+        description="images that may wait for a batch; more are refused with 429 (unset: "
+        "what the model computes within queue_timeout_ms, from its measured speed)",
     )
     queue_timeout_ms: float = Field(
-        0, ge=0, description="answer 503 to a request still waiting after this (0 = no limit)"
+        500,
+        gt=0,
+        description="the deadline of a request: its batch must start within this many ms "
+        "(admission control)",
     )
 
     workers: int = Field(1, ge=1, le=64, description="worker processes (each loads the model)")
@@ -104,18 +139,26 @@ class Settings(BaseSettings):
         return max(1, available_cpus() // self.workers)
 
     def decode_threads(self) -> int:
+        """Decode threads: they use a CPU only while there is something to decode, so
+        they are not subtracted from the model's (see :meth:`threads_for`)."""
         if self.decode_workers is not None:
             return self.decode_workers
-        return min(4, max(1, self.cpus_per_worker() // 2))
+        return min(4, self.cpus_per_worker())
 
-    def torch_threads(self) -> int:
-        """Intra-op threads of the model runtime (torch, ONNX Runtime, OpenVINO). By
-        default the decode threads keep their CPUs: the runtime's threads spin-wait at
-        every parallel step, and with fewer cores than threads a batch took seconds
-        instead of milliseconds (tests/service/test_hostile.py)."""
+    def threads_for(self, backend: str) -> int:
+        """Intra-op threads of ``backend`` on the CPU, chosen from what its runtime does
+        while it waits. ONNX Runtime (configured not to spin) and OpenVINO put idle threads
+        to sleep, so they get every CPU of this worker and decoding takes a core only when
+        it has work. torch's threads (TorchScript, eager) spin-wait at every parallel step:
+        with as many threads as cores, a decode flood took seconds from each batch
+        (tests/service/test_hostile.py), so they leave one core to decoding when there
+        are two or more. ``SEEDNET_INFERENCE_THREADS`` overrides both."""
         if self.inference_threads is not None:
             return self.inference_threads
-        return max(1, self.cpus_per_worker() - self.decode_threads())
+        cpus = self.cpus_per_worker()
+        if backend in ("torchscript", "eager"):
+            return max(1, cpus - 1)
+        return cpus
 
     admin_token: str | None = Field(None, description="bearer token for /models admin routes")
     host: str = "127.0.0.1"

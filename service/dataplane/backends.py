@@ -98,10 +98,18 @@ class TorchBackend:
     """A TorchScript module (or an eager ``InferenceModel``) on CPU or CUDA."""
 
     def __init__(
-        self, module: torch.nn.Module, name: str, device: str, cuda_graphs: bool = False
+        self,
+        module: torch.nn.Module,
+        name: str,
+        device: str,
+        cuda_graphs: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.name = name
         self.device = device
+        # torch's intra-op thread count is one per process: set it before each call when
+        # another backend (auto measuring its candidates) changed it
+        self.threads = threads if device == "cpu" else None
         self.module = module.to(device).eval()
         self.graphs: _CudaGraphs | None = None
         if device == "cuda" and cuda_graphs:
@@ -113,6 +121,8 @@ class TorchBackend:
                 self.graphs = None
 
     def run(self, images: np.ndarray) -> Outputs:
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         x = torch.from_numpy(images).to(self.device, non_blocking=True)
         with torch.inference_mode():
             out = self.graphs(x) if self.graphs is not None else None
@@ -167,7 +177,7 @@ def open_backend(
 ) -> Backend:
     """Open a verified artefact (``path``) of ``mv`` on ``device`` ("cpu" or "cuda").
 
-    ``threads``: intra-op threads of ONNX Runtime and OpenVINO (default: torch's count).
+    ``threads``: intra-op threads of the runtime on the CPU (default: torch's count).
     """
     if kind in ("onnx", "onnx-int8"):
         return OnnxBackend(str(path), device, kind, threads)
@@ -182,11 +192,11 @@ def open_backend(
             ) from None
     if kind == "torchscript":
         module = torch.jit.load(str(path), map_location=device)
-        return TorchBackend(module, "torchscript", device, cuda_graphs)
+        return TorchBackend(module, "torchscript", device, cuda_graphs, threads)
     if kind == "eager":
         from seednet.graph import inference_model
 
         m = mv.manifest
         model = inference_model(m.model.config, path, m.normalization.mean, m.normalization.std)
-        return TorchBackend(model, "eager", device, cuda_graphs)
+        return TorchBackend(model, "eager", device, cuda_graphs, threads)
     raise ModelLoadError(f"unknown backend {kind!r}; expected one of {', '.join(BACKENDS)}")

@@ -53,6 +53,7 @@ class _Chunk:
     enqueued: float
     deadline: float | None  # perf_counter time by which its batch must start
     model: ServingModel | None  # pinned model, or None: whatever serves when it runs
+    paused_before: float = 0.0  # the batcher's paused seconds when it was queued
     started: float = 0.0
     computing: bool = False  # set on the model thread when its forward pass begins
     seconds: float = 0.0  # the forward pass that computed it
@@ -130,6 +131,10 @@ class Batcher:
         self.queue_timeout = queue_timeout
         self.rate = ServiceRate()
         self.queued_images = 0
+        # Model loads run on the model thread too; the time they hold it does not count
+        # against a request's deadline (a promote or reload fails no request).
+        self._paused = 0.0
+        self._pause_started: float | None = None
         self._queue: deque[_Chunk] = deque()
         self._wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seednet-model")
@@ -159,10 +164,23 @@ class Batcher:
 
     def _timed(self, kind: str, fn: Callable[..., T], *args) -> T:
         start = time.perf_counter()
+        if kind != "batch":
+            self._pause_started = start  # (a float store: safe to read from the loop)
         try:
             return fn(*args)
         finally:
-            self.stats.on_span(kind, start, time.perf_counter())
+            end = time.perf_counter()
+            if kind != "batch":
+                self._pause_started = None
+                self._paused += end - start
+            self.stats.on_span(kind, start, end)
+
+    def _deadline(self, chunk: _Chunk) -> float:
+        """A chunk's deadline, moved on by the time loads held the model thread since."""
+        assert chunk.deadline is not None
+        pause = self._pause_started
+        ongoing = time.perf_counter() - pause if pause is not None else 0.0
+        return chunk.deadline + (self._paused - chunk.paused_before) + ongoing
 
     # -- admission -----------------------------------------------------------------------
 
@@ -179,7 +197,8 @@ class Batcher:
         """Seconds until the queue has likely drained (at least 1)."""
         return max(1, math.ceil(self.queued_images * self.seconds_per_image()))
 
-    def _admit(self, n: int) -> None:
+    def admit(self, n: int) -> None:
+        """Raise :class:`Overloaded` when ``n`` more images cannot start in time."""
         limit = self.max_queue_images
         if limit is not None and self.queued_images + n > limit:
             self.stats.on_reject("queue_full")
@@ -208,14 +227,21 @@ class Batcher:
 
         Raises Overloaded / DeadlineExceeded when admission control refuses it.
         """
-        self._admit(len(images))
+        self.admit(len(images))
         if model is None and len(images) > self.max_batch_size:
             model = self.get_model()  # every chunk of one request on the same model
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         deadline = None if self.queue_timeout is None else now + self.queue_timeout
         chunks = [
-            _Chunk(images[i : i + self.max_batch_size], loop.create_future(), now, deadline, model)
+            _Chunk(
+                images[i : i + self.max_batch_size],
+                loop.create_future(),
+                now,
+                deadline,
+                model,
+                self._paused,
+            )
             for i in range(0, len(images), self.max_batch_size)
         ]
         self._queue.extend(chunks)
@@ -227,7 +253,7 @@ class Batcher:
             if deadline is None:
                 await waiting
             else:
-                await self._until_started(waiting, chunks, deadline)
+                await self._until_started(waiting, chunks)
         finally:
             for c in chunks:  # one chunk failed or the caller left: drop the rest unrun
                 c.future.cancel()
@@ -245,16 +271,15 @@ class Batcher:
             model_seconds=sum(c.seconds for c in chunks),
         )
 
-    async def _until_started(
-        self, waiting: asyncio.Future, chunks: list[_Chunk], deadline: float
-    ) -> None:
+    async def _until_started(self, waiting: asyncio.Future, chunks: list[_Chunk]) -> None:
         """Wait for the answers; past the deadline, refuse the request unless every chunk's
         forward pass has begun (then its answer is on its way: wait for it)."""
-        try:
-            await asyncio.wait_for(asyncio.shield(waiting), deadline - time.perf_counter())
-            return
-        except asyncio.TimeoutError:
-            pass
+        while (remaining := self._deadline(chunks[0]) - time.perf_counter()) > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(waiting), remaining)
+                return
+            except asyncio.TimeoutError:
+                continue  # a load may have held the model thread meanwhile: look again
         if all(c.computing or c.future.done() for c in chunks):
             await waiting
             return
@@ -277,7 +302,7 @@ class Batcher:
             if chunk.future.done():  # cancelled: its request failed or the client left
                 self._remove(chunk)
                 continue
-            if chunk.deadline is not None and now > chunk.deadline:
+            if chunk.deadline is not None and now > self._deadline(chunk):
                 # its request is being refused (submit's side of the deadline): skip it
                 self._remove(chunk)
                 continue

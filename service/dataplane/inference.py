@@ -63,6 +63,12 @@ class DataPlane:
         self.metrics = metrics
         self.current_model = current_model
 
+    def admit(self) -> None:
+        """Refuse a request at once (429) when the queue already cannot start another
+        image in time: front ends call this before reading a body, so an overloaded
+        service spends nothing on requests it would refuse anyway."""
+        self.batcher.admit(1)
+
     def observe(self, stage: str, protocol: str, seconds: float) -> None:
         """A front end's own stage (``read_body``, ``parse``, ``serialise``)."""
         self.metrics.observe_stage(stage, protocol, seconds)

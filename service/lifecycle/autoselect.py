@@ -1,26 +1,38 @@
-"""``SEEDNET_BACKEND=auto``: the fastest verified full-precision backend, measured at load.
+"""``SEEDNET_BACKEND=auto``: the fastest verified backend on this host, measured once.
 
 Candidates (:func:`auto_candidates`): on the CPU TorchScript, ONNX Runtime and OpenVINO
-(when installed); on a GPU TorchScript (CUDA graphs) and ONNX Runtime when its CUDA
-provider is present. Each is an export proven equal to eager within 1e-4 on the golden
-set, so whichever wins answers the same numbers; the int8 export is never a candidate.
+(when installed), plus the int8 export when its accuracy gate passed (``auto``, not
+``auto-fp32``); on a GPU TorchScript (CUDA graphs) and ONNX Runtime when its CUDA provider
+is present. Each fp32 candidate is an export proven equal to eager within 1e-4 on the
+golden set; the int8 one was measured within 0.5 points of fp32 accuracy on the test set.
 
-:func:`open_fastest` (model thread) opens every candidate, warms it up and times it in
-interleaved rounds at batch 1 and batch 8 (about a second for the full model on two
-cores); the score is the time per image at batch 1 plus the time per image at batch 8
-(latency for one client, throughput for many), the best of the rounds so that a
-neighbour's burst does not decide. The losers are closed. The choice and every figure
-are logged and reported in ``/models`` (``serving.auto``). Speed depends on the
-architecture, not the weights: a later load of a version with the same network config
-on the same device reuses the measurement instead of stalling batches again.
+:func:`open_fastest` (model thread) opens every candidate with the threads it will serve
+with (``Settings.threads_for``), warms it up and times it in interleaved rounds at batch 1
+and batch 8; the score is the time per image at batch 1 plus the time per image at batch
+8 (latency for one client, throughput for many), the best of the rounds so that a
+neighbour's burst does not decide. The losers are closed.
+
+The choice stays put: it is recorded in the version's ``exports.json`` under the host's
+fingerprint (CPU model and instruction sets, CPUs, threads, runtime versions, GPU), and a
+later start on the same kind of host and version reuses it without measuring; it is
+measured again only when asked (``SEEDNET_AUTO_REMEASURE``) or on another host. When it is
+measured again, another backend replaces the recorded one only when it is clearly faster
+(:data:`MARGIN`), so two runtimes within noise of each other do not trade places from one
+start to the next (and with them the low bits of every answer). The choice and every
+figure are logged and shown in ``/models`` and ``/health/ready`` (``serving.auto``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import numpy as np
@@ -32,27 +44,80 @@ from service.dataplane.backends import Backend, open_backend
 log = logging.getLogger("seednet.autoselect")
 
 AUTO = "auto"
+AUTO_FP32 = "auto-fp32"
+AUTO_MODES = (AUTO, AUTO_FP32)
 AUTO_BATCHES = (1, 8)
 ROUNDS = 2
-# (network config, device, candidates) -> the measurement that chose; see the docstring.
-_MEASURED: dict[tuple[str, str, tuple[str, ...]], dict] = {}
+#: A re-measured backend replaces the recorded choice only when its score is this much
+#: lower (ONNX Runtime and OpenVINO are often within a few percent of each other).
+MARGIN = 0.10
+# (network config, device, candidates, threads) -> the measurement that chose, for later
+# loads in this process (a promote of a version with the same network).
+_MEASURED: dict[tuple, dict] = {}
+# CPU flags that change which kernels a runtime runs (and so which backend is fastest).
+_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "avx_vnni")
 
 
 def auto_candidates(device: str) -> list[str]:
-    """Full-precision backends ``auto`` may pick on ``device`` ("cpu" or "cuda")."""
+    """Full-precision backends ``auto`` may pick on ``device`` ("cpu" or "cuda"); the
+    int8 export joins them on the CPU when its accuracy gate passed (``prepare``)."""
     if device == "cuda":
         import onnxruntime as ort
 
         cuda_ort = "CUDAExecutionProvider" in ort.get_available_providers()
         return ["torchscript", "onnx"] if cuda_ort else ["torchscript"]
-    return (
-        ["torchscript", "onnx", "openvino"]
-        if openvino_available()
-        else [
-            "torchscript",
-            "onnx",
-        ]
-    )
+    names = ["torchscript", "onnx"]
+    if openvino_available():
+        names.append("openvino")
+    return names
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    have = set(value.split())
+                    flags = [f for f in _FLAGS if f in have]
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def _version(package: str) -> str | None:
+    try:
+        return package_version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def host_fingerprint(device: str, threads: Mapping[str, int]) -> dict:
+    """What makes one backend faster than another here: plain data, recorded as it is."""
+    model, flags = _cpu()
+    host: dict = {
+        "cpu": model,
+        "flags": flags,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "device": device,
+        "threads": dict(sorted(threads.items())),
+        "runtimes": {
+            p: _version(p) for p in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino")
+        },
+    }
+    if device == "cuda":
+        import torch
+
+        host["gpu"] = torch.cuda.get_device_name()
+    return host
+
+
+def host_key(host: Mapping) -> str:
+    return hashlib.sha256(json.dumps(host, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def measure(backends: dict[str, Backend], batches=AUTO_BATCHES, rounds=ROUNDS) -> dict:
@@ -78,45 +143,68 @@ def measure(backends: dict[str, Backend], batches=AUTO_BATCHES, rounds=ROUNDS) -
     }
 
 
+def choose(figures: Mapping[str, Mapping], recorded: str | None = None) -> str:
+    """The fastest; the recorded choice stays unless another beats it by :data:`MARGIN`."""
+    score = {name: f["score_ms_per_image"] for name, f in figures.items()}
+    fastest = min(score, key=score.__getitem__)
+    if recorded in score and score[fastest] > (1 - MARGIN) * score[recorded]:
+        return recorded
+    return fastest
+
+
 def open_fastest(
     mv: ModelVersion,
     candidates: Sequence[tuple[str, Path]],
     device: str,
     cuda_graphs: bool = True,
+    threads: Mapping[str, int] | None = None,
+    recorded: Mapping | None = None,
+    remeasure: bool = False,
 ) -> tuple[Backend, dict]:
-    """Open every (backend, verified artefact) candidate, keep the fastest (model thread)."""
+    """Open the backend ``auto`` serves (model thread): the one ``recorded`` for this host
+    (unless ``remeasure``), else the fastest of ``candidates`` measured now.
+
+    Returns the backend and what ``serving.auto`` reports; ``measured`` says whether a
+    new measurement should be recorded.
+    """
+    threads = dict(threads or {})
     names = tuple(name for name, _ in candidates)
-    key = (json.dumps(mv.manifest.model.config, sort_keys=True), device, names)
     artefacts: dict[str, Path] = dict(candidates)
+    host = host_fingerprint(device, {n: threads.get(n, 0) for n in names})
+    base = {"candidates": list(names), "host": host, "host_key": host_key(host)}
+
+    def opened(name: str) -> Backend:
+        return open_backend(name, mv, artefacts[name], device, cuda_graphs, threads.get(name))
+
+    if recorded and not remeasure and recorded.get("chosen") in artefacts:
+        chosen = recorded["chosen"]
+        log.info("auto: %s for %s (recorded for this host on %s)", chosen, mv.ref, device)
+        return opened(chosen), {**recorded, **base, "chosen": chosen, "measured": False}
+    key = (json.dumps(mv.manifest.model.config, sort_keys=True), device, names, str(threads))
     earlier = _MEASURED.get(key)
-    if earlier is not None:
+    if earlier is not None and not remeasure:
         chosen = earlier["chosen"]
-        log.info(
-            "auto: %s for %s (measured for %s, same network on %s: %s)",
-            chosen,
-            mv.ref,
-            earlier["measured_for"],
-            device,
-            _figures(earlier["figures"]),
-        )
-        be = open_backend(chosen, mv, artefacts[chosen], device, cuda_graphs)
-        return be, {**earlier, "reused": True}
+        log.info("auto: %s for %s (measured for %s)", chosen, mv.ref, earlier["measured_for"])
+        return opened(chosen), {**earlier, **base, "measured": True, "reused_from": "process"}
     t0 = time.perf_counter()
-    opened = {}
-    for name, path in candidates:
-        be = open_backend(name, mv, path, device, cuda_graphs)
+    backends = {}
+    for name in names:
+        be = opened(name)
         if be.device == device:  # e.g. ONNX Runtime without a working CUDA provider
-            opened[name] = be
+            backends[name] = be
         else:
             log.warning("auto: %s runs on %s, not %s: not a candidate", name, be.device, device)
-    figures = measure(opened)
-    chosen = min(figures, key=lambda n: figures[n]["score_ms_per_image"])
+    figures = measure(backends)
+    previous = recorded.get("chosen") if recorded else None
+    chosen = choose(figures, previous)
     result = {
+        **base,
         "chosen": chosen,
-        "candidates": list(names),
         "figures": figures,
         "measured_for": mv.ref,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - t0, 2),
+        "measured": True,
     }
     log.info(
         "auto: %s for %s on %s, measured in %.1fs: %s",
@@ -127,7 +215,7 @@ def open_fastest(
         _figures(figures),
     )
     _MEASURED[key] = result
-    return opened[chosen], {**result, "reused": False}
+    return backends[chosen], result
 
 
 def _figures(figures: dict) -> str:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from registry import Registry
+from registry import ModelVersion, Registry
 from service.config import Settings
 from service.dataplane.batching import Batcher
 from service.dataplane.served import ServingModel
@@ -24,6 +24,8 @@ from service.lifecycle.prepare import prepare
 from service.metrics import Metrics
 
 log = logging.getLogger("seednet.host")
+#: What is kept of auto's measurement (per host, in the version's exports.json).
+AUTO_RECORD = ("chosen", "candidates", "figures", "host", "measured_for", "measured_at", "seconds")
 
 
 class ModelHost:
@@ -57,9 +59,19 @@ class ModelHost:
         async with self._swap_lock:
             mv = self.registry.resolve(name or s.model_name, ref)
             prepared = await asyncio.to_thread(
-                prepare, self.registry, mv, s.backend, s.device, s.materialize_exports
+                prepare,
+                self.registry,
+                mv,
+                s.backend,
+                s.device,
+                s.materialize_exports,
+                s.threads_for,
+                s.auto_remeasure,
             )
             model = await self.batcher.run_in_model_thread(load_model, prepared, s.cuda_graphs)
+            auto = model.info.get("auto")
+            if auto and auto.get("measured") and "reused_from" not in auto:
+                await asyncio.to_thread(self._record_auto, model.version, auto)
             if commit is not None:
                 commit()
             previous, self.model = self.model, model
@@ -68,6 +80,17 @@ class ModelHost:
                 self.metrics.model_swaps.inc()
             log.info("serving %s on %s/%s", mv.ref, model.info["backend"], model.info["device"])
             return model
+
+    def _record_auto(self, mv: ModelVersion, auto: dict) -> None:
+        """Keep auto's measurement for this host and version, so the next start serves the
+        same backend without measuring (a registry that cannot be written only logs)."""
+        record = {k: auto[k] for k in AUTO_RECORD if k in auto}
+        try:
+            recorded = dict(self.registry.derived(mv).get("auto", {}))
+            recorded[auto["host_key"]] = record
+            self.registry.add_derived(mv, {}, {"auto": recorded})
+        except Exception as exc:  # read-only registry, or one that needs repair
+            log.warning("auto: the choice for %s is not recorded: %s", mv.ref, exc)
 
     async def follow_alias(self, every: float) -> None:
         """Swap to whatever SEEDNET_MODEL_REF resolves to now, checked every ``every`` s.

@@ -16,7 +16,7 @@ from registry import ModelVersion, Registry
 from service.dataplane.backends import Backend, open_backend
 from service.dataplane.served import ServingModel
 from service.errors import ModelLoadError
-from service.lifecycle.autoselect import AUTO, open_fastest
+from service.lifecycle.autoselect import AUTO_MODES, open_fastest
 from service.lifecycle.prepare import Prepared, prepare
 
 log = logging.getLogger("seednet.loading")
@@ -27,12 +27,19 @@ WARMUP_BATCHES = (1, 8)
 
 
 def _open(prepared: Prepared, cuda_graphs: bool) -> tuple[Backend, dict | None]:
-    if prepared.backend == AUTO:
-        return open_fastest(prepared.version, prepared.candidates, prepared.device, cuda_graphs)
-    be = open_backend(
-        prepared.backend, prepared.version, prepared.artefact, prepared.device, cuda_graphs
-    )
-    return be, None
+    p = prepared
+    if p.backend in AUTO_MODES:
+        return open_fastest(
+            p.version,
+            p.candidates,
+            p.device,
+            cuda_graphs,
+            threads=p.threads,
+            recorded=p.recorded,
+            remeasure=p.remeasure,
+        )
+    threads = p.threads.get(p.backend)
+    return open_backend(p.backend, p.version, p.artefact, p.device, cuda_graphs, threads), None
 
 
 def load_model(

@@ -8,16 +8,18 @@ Loading has two halves so that nothing touches the device beside a running batch
 - :func:`service.lifecycle.loading.load_model` (the model thread only): opens the backend
   on the device, captures CUDA graphs and warms up.
 
-``backend="auto"`` prepares every verified full-precision export the device can run and
-lets :mod:`service.lifecycle.autoselect` time them at load and keep the fastest; the int8 export
-is never a candidate (it is served only when asked for by name).
+``backend="auto"`` prepares every verified export the device can run (the int8 one only
+when its accuracy gate passed; ``auto-fp32`` never) and lets
+:mod:`service.lifecycle.autoselect` pick the one recorded for this host, or time them at
+load and keep the fastest.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry import ModelVersion, Registry
@@ -27,7 +29,13 @@ from seednet.export import verified_backends
 from seednet.runtimes import openvino_available
 from service.dataplane.backends import BACKENDS
 from service.errors import ModelLoadError
-from service.lifecycle.autoselect import AUTO, auto_candidates
+from service.lifecycle.autoselect import (
+    AUTO,
+    AUTO_MODES,
+    auto_candidates,
+    host_fingerprint,
+    host_key,
+)
 
 log = logging.getLogger("seednet.serving")
 
@@ -36,8 +44,9 @@ log = logging.getLogger("seednet.serving")
 class Prepared:
     """What :func:`prepare` proved: the verified artefact a backend will open.
 
-    With ``backend="auto"``, ``candidates`` holds every verified (backend, artefact)
-    to measure, and ``artefact`` the first of them.
+    With ``backend`` ``auto``/``auto-fp32``, ``candidates`` holds every verified (backend,
+    artefact) to measure, ``artefact`` the first of them, and ``recorded`` the choice
+    recorded for this host and version, if any. ``threads``: each backend's threads.
     """
 
     version: ModelVersion
@@ -45,15 +54,28 @@ class Prepared:
     artefact: Path
     device: str
     candidates: tuple[tuple[str, Path], ...] = ()
+    threads: Mapping[str, int] = field(default_factory=dict)
+    recorded: Mapping | None = None
+    remeasure: bool = False
 
 
 def prepare(
-    registry: Registry, mv: ModelVersion, backend: str, device: str, materialize: bool = True
+    registry: Registry,
+    mv: ModelVersion,
+    backend: str,
+    device: str,
+    materialize: bool = True,
+    threads: Callable[[str], int] | None = None,
+    remeasure: bool = False,
 ) -> Prepared:
-    """Verify ``mv`` and make sure the artefact of ``backend`` exists (off the model thread)."""
-    if backend not in (*BACKENDS, AUTO):
+    """Verify ``mv`` and make sure the artefact of ``backend`` exists (off the model thread).
+
+    ``threads(backend)`` gives a backend's intra-op threads on the CPU (None: the
+    runtimes' defaults).
+    """
+    if backend not in (*BACKENDS, *AUTO_MODES):
         raise ModelLoadError(
-            f"unknown backend {backend!r}; expected {AUTO} or one of {', '.join(BACKENDS)}"
+            f"unknown backend {backend!r}; expected one of {', '.join((*AUTO_MODES, *BACKENDS))}"
         )
     try:
         device = resolve_device(device).type
@@ -64,18 +86,25 @@ def prepare(
     weights = registry.open_verified(mv, WEIGHTS_FILE)
     registry.open_verified(mv, GOLDEN_FILE)
     log.info("verified %s in %.1fs", mv.ref, time.perf_counter() - t0)
+
+    def threads_of(names) -> dict[str, int]:
+        return {n: threads(n) for n in names} if threads is not None and device == "cpu" else {}
+
     if backend == "eager":
-        return Prepared(mv, backend, weights, device)
-    if backend == "onnx-int8":
-        return Prepared(mv, backend, _int8_artefact(registry, mv), device)
+        return Prepared(mv, backend, weights, device, threads=threads_of([backend]))
     if backend in ("openvino", "onnx-int8") and device != "cpu":
         raise ModelLoadError(
             f"the {backend} backend runs on the CPU only (it was verified there); "
             "set SEEDNET_DEVICE=cpu"
         )
+    if backend == "onnx-int8":
+        return Prepared(
+            mv, backend, _int8_artefact(registry, mv), device, threads=threads_of([backend])
+        )
     if backend == "openvino" and not openvino_available():
         raise ModelLoadError("the openvino backend needs the openvino package")
-    wanted = auto_candidates(device) if backend == AUTO else [backend]
+    int8 = _int8_gate(registry, mv) if backend == AUTO and device == "cpu" else None
+    wanted = auto_candidates(device) if backend in AUTO_MODES else [backend]
     if not set(wanted) <= _checked(registry, mv) and materialize:
         from seednet.export import materialize as build_exports
 
@@ -93,9 +122,24 @@ def prepare(
         )
         raise ModelLoadError(f"{mv.ref} has no verified {' or '.join(wanted)} export; {hint}")
     candidates = tuple((b, registry.open_verified(mv, EXPORT_FILES[b])) for b in ready)
-    if backend != AUTO:
-        return Prepared(mv, backend, candidates[0][1], device)
-    return Prepared(mv, AUTO, candidates[0][1], device, candidates)
+    if int8 is not None:
+        candidates += (("onnx-int8", int8),)
+    names = [b for b, _ in candidates]
+    if backend not in AUTO_MODES:
+        return Prepared(mv, backend, candidates[0][1], device, threads=threads_of(names))
+    chosen_threads = threads_of(names)
+    host = host_fingerprint(device, {n: chosen_threads.get(n, 0) for n in names})
+    recorded = registry.derived(mv).get("auto", {}).get(host_key(host))
+    return Prepared(
+        mv,
+        backend,
+        candidates[0][1],
+        device,
+        candidates,
+        chosen_threads,
+        recorded if isinstance(recorded, dict) else None,
+        remeasure,
+    )
 
 
 def _checked(registry: Registry, mv: ModelVersion) -> set[str]:
@@ -111,6 +155,19 @@ def _verified(registry: Registry, mv: ModelVersion) -> set[str]:
     derived = registry.derived(mv)
     files = derived.get("files", {})
     return {b for b in verified_backends(derived) if EXPORT_FILES.get(b) in files}
+
+
+def _int8_gate(registry: Registry, mv: ModelVersion) -> Path | None:
+    """The verified int8 export when it passed its accuracy gate (recorded by the tool that
+    built it: int8 within ``max_drop_points`` of fp32 on the test set), else None."""
+    derived = registry.derived(mv)
+    gate = derived.get("int8")
+    if EXPORT_FILES["onnx-int8"] not in derived.get("files", {}) or not isinstance(gate, dict):
+        return None
+    drop, limit = gate.get("drop_points"), gate.get("max_drop_points")
+    if not isinstance(drop, int | float) or not isinstance(limit, int | float) or drop > limit:
+        return None
+    return registry.open_verified(mv, EXPORT_FILES["onnx-int8"])
 
 
 def _int8_artefact(registry: Registry, mv: ModelVersion) -> Path:

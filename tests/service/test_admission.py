@@ -7,6 +7,7 @@ The model thread is held by a real task (a gate), so the queue fills determinist
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 
@@ -40,6 +41,7 @@ def test_a_full_queue_is_refused_at_once_with_retry_after(served_registry):
         device="cpu",
         max_batch_size=4,
         max_queue_images=8,
+        queue_timeout_ms=60_000,  # only the count bound bites here
     ) as srv:
         gate = hold_model_thread(srv)
         with httpx.Client(timeout=60) as client:
@@ -86,3 +88,86 @@ def test_a_request_past_the_queue_timeout_gets_503_and_is_never_computed(served_
     assert served.status_code == 200
     assert metric_value(metrics, "seednet_images_processed_total") - before == 1
     assert metric_value(metrics, 'seednet_rejections_total{reason="deadline"}') == 1
+
+
+def test_one_client_runs_at_once_and_a_crowd_is_batched(served_registry):
+    """The c=1 fast path: a request that finds the queue empty runs at once (no batch
+    wait); requests that queue up behind a running batch are merged. Both are counted."""
+    with LiveServer(
+        registry_root=served_registry,
+        model_name="tiny",
+        device="cpu",
+        max_batch_wait_ms=50,
+        queue_timeout_ms=60_000,
+    ) as srv:
+
+        def batches(mode: str) -> float:
+            text = httpx.get(f"{srv.url}/metrics").text
+            return metric_value(text, f'seednet_batches_total{{mode="{mode}"}}')
+
+        r = httpx.post(f"{srv.url}/predict", files=files(1), timeout=60)
+        assert r.status_code == 200 and batches("immediate") == 1 and batches("batched") == 0
+        gate = hold_model_thread(srv)
+        with httpx.Client(timeout=60) as client:
+            results: list[int] = []
+            crowd = [
+                threading.Thread(
+                    target=lambda: results.append(
+                        client.post(f"{srv.url}/predict", files=files(1)).status_code
+                    )
+                )
+                for _ in range(5)
+            ]
+            crowd[0].start()
+            wait_until(lambda: running(srv) == 1, 30, what="the first to be taken")
+            for t in crowd[1:]:
+                t.start()
+            wait_until(lambda: queued(srv) == 4, 30, what="four to queue")
+            gate.set()
+            for t in crowd:
+                t.join(60)
+        assert results == [200] * 5
+        assert batches("immediate") == 2  # the lone request, then the first of the crowd
+        assert batches("batched") == 1  # the four that queued behind it, in one batch
+
+
+def test_goodput_holds_under_four_times_overload(served_registry):
+    """Admission keeps goodput: with the deadline small enough that the queue bound bites,
+    four times the concurrency that saturates the service still gets at least half of its
+    capacity answered with 200s, and everything else is a fast 429/503, never an error."""
+    import asyncio
+
+    async def load(url: str, clients: int, seconds: float) -> tuple[int, dict[int, int]]:
+        statuses: dict[int, int] = {}
+        ok = 0
+        body = files(1)[0][1][1]
+
+        async def client(c: httpx.AsyncClient) -> None:
+            nonlocal ok
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                r = await c.post(f"{url}/predict", files={"file": ("a.jpg", body)})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                ok += r.status_code == 200
+                if r.status_code != 200:
+                    await asyncio.sleep(0.01)  # a client that honours the refusal a little
+
+        async with httpx.AsyncClient(timeout=60) as c:
+            await asyncio.gather(*(client(c) for _ in range(clients)))
+        return ok, statuses
+
+    with LiveServer(
+        registry_root=served_registry,
+        model_name="tiny",
+        device="cpu",
+        backend="torchscript",
+        queue_timeout_ms=20,
+        access_log=False,
+    ) as srv:
+        capacity, base = asyncio.run(load(srv.url, 4, 4.0))
+        goodput, over = asyncio.run(load(srv.url, 16, 4.0))
+        metrics = httpx.get(f"{srv.url}/metrics").text
+    assert set(base) <= {200, 429, 503} and set(over) <= {200, 429, 503}, (base, over)
+    assert goodput >= 0.5 * capacity, (capacity, goodput, over)
+    refused = metric_value(metrics, "seednet_rejections_total")
+    assert refused == sum(n for s, n in (*base.items(), *over.items()) if s != 200)

@@ -170,7 +170,7 @@ def test_decode_flood_does_not_starve_a_one_image_request_and_memory_returns(
     bomb = png_declaring(side, side)
     assert len(bomb) < 60_000
     with serve(root, decode_workers=2) as srv:
-        limits = srv.app.state.service.limits
+        limits = srv.app.state.service.plane.limits
         assert side * side <= limits.max_pixels < (side + 2) ** 2
         # Warm-up: every code path once (pool threads, plugins), then the baseline.
         assert one_image(srv.url)[1].status_code == 200

@@ -18,6 +18,7 @@ httptools' and h11's own API); tests/service/test_hostile.py pins the behaviour.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 
@@ -174,9 +175,19 @@ def worker_protocol_class(settings: Settings) -> type:
     return base
 
 
+#: How long uvicorn's supervisor waits for a worker process to answer its health ping
+#: before it kills and restarts it (uvicorn's default, 5 s, is less than a model load that
+#: holds the GIL takes on a busy host: a worker was killed while it loaded).
+WORKER_HEALTHCHECK_SECONDS = 120
+
+
 def uvicorn_options(settings: Settings, workers: bool = False) -> dict[str, object]:
     """The one place uvicorn's settings come from (``workers``: for worker processes)."""
+    extra: dict[str, object] = {}
+    if workers and "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+        extra["timeout_worker_healthcheck"] = WORKER_HEALTHCHECK_SECONDS
     return {
+        **extra,
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,

@@ -177,6 +177,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         plane = state.plane
         if plane is None:
             raise NotReady()
+        plane.admit()  # RESOURCE_EXHAUSTED before parsing when the queue is too long
         t0 = time.perf_counter()
         parsed = parse_grpc_request(request, max_batch_size=state.settings.max_images_per_request)
         plane.observe("parse", PROTOCOL, time.perf_counter() - t0)
