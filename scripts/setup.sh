@@ -23,3 +23,9 @@ if [ "$extra" = dev ] && [ -x .venv/bin/perf_analyzer ] && [ ! -d .venv/perf_ana
     .venv/bin/python -m pip install -q --target .venv/perf_analyzer-libs nvidia-cuda-runtime-cu12 \
         || echo "warning: no libcudart.so.12 for perf_analyzer; its tests will be skipped" >&2
 fi
+# kubectl (its built-in kustomize renders deploy/k8s in the tests; no cluster is contacted):
+# a pinned upstream binary, checked by sha256, in .venv/tools (scripts/install_kubectl.py).
+if [ "$extra" = dev ] && [ ! -x .venv/tools/kubectl ]; then
+    .venv/bin/python scripts/install_kubectl.py \
+        || echo "warning: could not install kubectl; the deploy/k8s rendering tests will be skipped" >&2
+fi

@@ -12,5 +12,5 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
     (apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null) \
         || echo "warning: could not install ${missing[*]}; the tests that need them skip (fail under CI)" >&2
 fi
-.venv/bin/ruff check seednet registry training service bench tests scripts
+.venv/bin/ruff check seednet registry training service bench tests scripts deploy
 exec .venv/bin/python -m pytest -q "$@"
