@@ -23,6 +23,7 @@ OVERLAYS = ("overlays/cpu", "overlays/gpu", "overlays/object-storage")
 # Settings with no place in the manifests, and why.
 UNSET_SETTINGS = {
     "limit_concurrency": "admission is the queue's job (429/503 with Retry-After)",
+    "max_queue_images": "derived from the deadline and the measured model speed",
 }
 
 
