@@ -22,7 +22,7 @@ the mean batch; GPU utilisation (nvidia-smi) and server CPU (cores busy, /proc).
 ``SEEDNET_MAX_QUEUE_IMAGES`` is raised to 4096 so that admission control (429) does not
 refuse the closed-loop load (32 clients x 64 images = 2048 images in flight).
 Steps run in priority order and each is skipped, with a row saying so, when it would
-end after ``--deadline``: the job must fit one device call.
+end after ``--deadline``, so the job ends within its time limit.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Here, after a device call: join the tar parts that came back, check every checksum,
-# unpack. FILES_AT is the folder where the device tool put the files of $OUT.
+# After a GPU job, wherever its results were copied to: join the tar parts, check every
+# checksum, unpack. RESULTS is the job's OUT folder (or a copy of it).
 #
-#   scripts/gpu_fetch.sh FILES_AT [DEST]      # DEST defaults to runs/gpu
+#   scripts/gpu_fetch.sh RESULTS [DEST]      # DEST defaults to runs/gpu
 #
-# Each NAME.tar.partNN and each joined NAME.tar must match SHA256SUMS (written on the
-# device by scripts/gpu_lib.sh pack_results, or by scripts/gpu_job.sh); a mismatch stops
+# Each NAME.tar.partNN and each joined NAME.tar must match SHA256SUMS (written on the GPU
+# host by scripts/gpu_lib.sh pack_results, or by scripts/gpu_job.sh); a mismatch stops
 # with an error and nothing unpacked.
 set -euo pipefail
-src=${1:?usage: scripts/gpu_fetch.sh FILES_AT [DEST]}
+src=${1:?usage: scripts/gpu_fetch.sh RESULTS [DEST]}
 dest=${2:-runs/gpu}
 sums="$src/SHA256SUMS"
 [ -f "$sums" ] || { echo "no SHA256SUMS in $src" >&2; exit 1; }

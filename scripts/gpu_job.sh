@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU job of the production-model issue, in two phases that each fit one device call
-# (10 minutes at most):
+# The GPU job of the production-model issue, on a CUDA host, in two phases of under 10
+# minutes each (data/cifar10.pack in the checkout: `python -m training pack-data`):
 #   scripts/gpu_job.sh full    bench training speed, pick the epoch count that fits the
 #                              training budget, train SeedNet with the fast recipe, pack it
 #   scripts/gpu_job.sh small   train seednet-small, run the inference benchmarks, pack them
-# Results land in $OUT (split into parts under 15 MB, with SHA256SUMS) and are joined here
-# by scripts/gpu_fetch.sh. Everything can be rehearsed on the CPU:
+# OUT is the folder results are written to (out/gpu): the logs, and tar parts under 15 MB
+# with SHA256SUMS for copying them off the host (scripts/gpu_fetch.sh joins and checks them);
+# runs/full and runs/small hold the same files unpacked. Everything can be rehearsed on the CPU:
 #   DEVICE=cpu LIMIT=5 EPOCHS=1 OUT=/tmp/gpu scripts/gpu_job.sh full
 set -uo pipefail
 phase=${1:?usage: gpu_job.sh full|small}
@@ -19,7 +20,7 @@ LIMIT=${LIMIT:+--limit-per-class $LIMIT}
 PY=${PY:-python3}
 mkdir -p "$OUT" runs
 
-pack() {  # pack NAME PATHS...: a tar split into parts small enough to come back
+pack() {  # pack NAME PATHS...: a tar split into parts under 15 MB, with their sums
     local name=$1; shift
     tar -cf "runs/$name.tar" "$@" && split -b 15000000 -d "runs/$name.tar" "$OUT/$name.tar.part"
     (cd "$OUT" && sha256sum "$name".tar.part* >> SHA256SUMS) && sha256sum "runs/$name.tar" >> "$OUT/SHA256SUMS"

@@ -1,6 +1,6 @@
-# Shared by the GPU job scripts (sourced, not run): the data on the device, and results
-# split into parts that the device tool brings back (at most 8 files, 16 MiB each,
-# 64 MiB in all), with SHA256SUMS that scripts/gpu_fetch.sh checks here.
+# Shared by the GPU job scripts (sourced, not run): the packed data set on the GPU host, and
+# the results as tar parts under 15 MB (for copies with a file-size cap) with SHA256SUMS,
+# which scripts/gpu_fetch.sh checks on the machine they are copied to.
 
 device_info() {  # what ran the job
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Here, before a device call: the packed data set in a form that travels.
+# Before a GPU training job on another host: the packed data set, compressed for the copy.
 #
-# The device tool sends the working tree (tracked files, untracked files git does not
-# ignore) plus the carried paths, 64 MiB in all. The tracked tree is about 45 MiB (mostly
-# models/*/weights.safetensors) and data/cifar10.pack 53 MiB: together too much. The 60,000
-# small JPEGs repeat the same headers, so xz takes the pack to about 17 MiB, which fits.
-# The job scripts unpack data/cifar10.pack.xz on the device and check it against
-# data/cifar10.pack.sha256 (scripts/gpu_lib.sh).
+# The training jobs read data/cifar10.pack (53 MiB; a host that has the JPEG copy can build
+# it there with `python -m training pack-data`). The 60,000 small JPEGs repeat the same
+# headers, so xz takes the pack to about 17 MiB. The job scripts unpack
+# data/cifar10.pack.xz on the GPU host and check it against data/cifar10.pack.sha256
+# (scripts/gpu_lib.sh). The script also prints what the copy weighs (the working tree:
+# tracked files and untracked files git does not ignore, about 45 MiB, mostly
+# models/*/weights.safetensors; plus the compressed data) and fails above LIMIT_MIB (64 MiB,
+# for a transfer with that cap; set it higher where there is none).
 #
-#   scripts/gpu_prepare_data.sh      # then carry data/cifar10.pack.xz data/cifar10.pack.sha256
+#   scripts/gpu_prepare_data.sh      # then copy data/cifar10.pack.xz and .sha256 with the checkout
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,6 +27,6 @@ tree=$(git ls-files -z --cached --others --exclude-standard \
 data=$(stat -c %s data/cifar10.pack.xz data/cifar10.pack.sha256 | awk '{s += $1} END {print s}')
 awk -v t="$tree" -v d="$data" -v l="$LIMIT_MIB" 'BEGIN {
     m = 1048576; total = (t + d) / m
-    printf "travels: working tree %.1f MiB + data %.1f MiB = %.1f MiB of %d MiB\n", t / m, d / m, total, l
-    exit (total > l) }' || { echo "too much travels: leave out untracked files or carry less" >&2; exit 1; }
-echo "carry: data/cifar10.pack.xz data/cifar10.pack.sha256"
+    printf "the copy: working tree %.1f MiB + data %.1f MiB = %.1f MiB of %d MiB\n", t / m, d / m, total, l
+    exit (total > l) }' || { echo "the copy is over LIMIT_MIB: leave out untracked files, or raise LIMIT_MIB" >&2; exit 1; }
+echo "copy with the checkout: data/cifar10.pack.xz data/cifar10.pack.sha256"

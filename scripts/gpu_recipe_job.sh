@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU job of issue 11 (recipe v2): one device call of at most 9 minutes.
+# The GPU job of issue 11 (recipe v2), on a CUDA host: sized to end within 9 minutes on one
+# H100/H200 (BUDGET seconds for the sweep; not run on a GPU yet).
 #
 #   1. the ablation of recipe v2 (training/recipes.py ABLATIONS["v2"]: v2, the old fast
 #      recipe, and v2 with one technique off per variant) at a short schedule, each
@@ -11,13 +12,15 @@
 #      flip-TTA accuracy, final training accuracy; and the loop overhead of a final run.
 #
 # All runs are one process (python -m training sweep): the data is decoded once and the
-# training step compiled once. Results in $OUT: recipe.log, table.txt, and recipe.tar in
-# parts under 15 MB with SHA256SUMS (the best final run's weights and reports, every run's
-# summary, metrics and config, sweep.json); join them here with scripts/gpu_fetch.sh.
+# training step compiled once. OUT is the folder results are written to (out/gpu):
+# recipe.log, table.txt, and recipe.tar in parts under 15 MB with SHA256SUMS (the best
+# final run's weights and reports, every run's summary, metrics and config, sweep.json);
+# scripts/gpu_fetch.sh joins and checks them wherever they are copied. The runs themselves
+# stay in runs/recipe.
 #
-# Data: data/cifar10.pack, or data/cifar10.pack.xz + .sha256 (scripts/gpu_prepare_data.sh),
-# carried along. On the GPU machine:
-#   scripts/gpu_recipe_job.sh
+# Data: data/cifar10.pack, or data/cifar10.pack.xz + .sha256 (scripts/gpu_prepare_data.sh)
+# copied from another machine. On the GPU host:
+#   PY=.venv/bin/python scripts/gpu_recipe_job.sh
 # Rehearsal on the CPU (a tiny slice, 1 epoch per run, no compile):
 #   DEVICE=cpu LIMIT=2 ABL_EPOCHS=1 FINAL_EPOCHS=1 PY=.venv/bin/python OUT=/tmp/gpu \
 #       scripts/gpu_recipe_job.sh

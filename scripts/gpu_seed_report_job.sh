@@ -7,16 +7,17 @@
 #   torch.compile (default mode; off with COMPILE=), the test set evaluated after every
 #   epoch (metrics.jsonl), seed 0; then seed 1 when the time left holds another run.
 #
-# One device call of at most 9 minutes (BUDGET seconds for the training commands). A run
-# that fails under torch.compile before its first epoch is rerun once without it.
-# Results in $OUT: seed_report.log, seed_report.txt (per run: best epoch, last epoch,
-# flip TTA, time) and seed_report.tar in parts under 15 MB with SHA256SUMS: seed 0's
-# weights and reports, every run's metrics.jsonl, summary.json and config.json (a second
-# run's weights would pass the 64 MiB that comes back). Join with scripts/gpu_fetch.sh.
+# Sized to end within 9 minutes (BUDGET seconds for the training commands; not run on a GPU
+# yet). A run that fails under torch.compile before its first epoch is rerun once without
+# it. OUT is the folder results are written to (out/gpu): seed_report.log, seed_report.txt
+# (per run: best epoch, last epoch, flip TTA, time) and seed_report.tar in parts under
+# 15 MB with SHA256SUMS: seed 0's weights and reports (seed 0 is the one to publish, chosen
+# before the run), every run's metrics.jsonl, summary.json and config.json. Join them with
+# scripts/gpu_fetch.sh wherever they are copied; the runs stay in runs/seed-report.
 #
 # Data: data/cifar10.pack, or data/cifar10.pack.xz + .sha256 (scripts/gpu_prepare_data.sh).
-# On the GPU machine:
-#   scripts/gpu_seed_report_job.sh
+# On the GPU host:
+#   PY=.venv/bin/python scripts/gpu_seed_report_job.sh
 # Rehearsal on the CPU (a tiny slice, 2 epochs):
 #   DEVICE=cpu LIMIT=2 EPOCHS=2 PY=.venv/bin/python OUT=/tmp/gpu13 scripts/gpu_seed_report_job.sh
 set -uo pipefail

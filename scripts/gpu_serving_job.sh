@@ -1,35 +1,48 @@
 #!/usr/bin/env bash
-# ONE job for the GPU machine (issue 12: the GPU path through HTTP), fitting one device call:
+# The service measured through HTTP on a CUDA host (issue 12: the GPU path through HTTP),
+# in one run that prints one table:
 #
-#   1. installs the carried wheels offline (scripts/gpu_wheelhouse.sh made them) into a
-#      --target folder on PYTHONPATH: the image's python3 is itself a venv
-#      (/opt/torch/.venv), and a `venv --system-site-packages` made from it would not see
-#      its torch; unpacks perf_analyzer and the two libraries it links (LD_LIBRARY_PATH);
-#   2. checks the environment (versions, every carried wheel's requirements, torch 2.11's
-#      export APIs, ONNX Runtime's providers) and unpacks the CIFAR-10 slice;
+#   1. with an offline wheelhouse ($WHL/wheels, made by scripts/gpu_wheelhouse.sh on a
+#      machine with a package index), installs it without an index into a --target folder
+#      on PYTHONPATH (a PyTorch image whose python3 is itself a venv, such as
+#      /opt/torch/.venv, would lose its torch in a `venv --system-site-packages`); without
+#      one, uses $PY's own packages. Unpacks perf_analyzer and the two libraries it links
+#      when $PA is there (LD_LIBRARY_PATH);
+#   2. checks the environment (versions, every wheelhouse package's requirements, torch's
+#      export APIs, ONNX Runtime's providers) and unpacks the CIFAR-10 slice if there is one;
 #   3. runs the GPU tests of the suite (tests/service/test_gpu.py: CUDA graphs, the three
 #      backends on CUDA against recorded outputs) and the response-format test;
 #   4. builds models/seednet@1's exports once (what a first `python -m service` does; timed);
 #   5. bench/gpu_serving.py: model-only ceiling, the HTTP matrix through /predict,
 #      perf_analyzer over /v2 and gRPC, promote under load; ONE table, also in $OUT/table.md.
 #
-# On the GPU machine (device tool):
-#   run(command="bash scripts/gpu_serving_job.sh", carry=[".whl", "data/gpu-cifar10-slice.tar.gz"],
-#       timeout_s=600)
+# On a CUDA host with the project installed (scripts/setup.sh dev: pytest, perf_analyzer):
+#   PY=.venv/bin/python bash scripts/gpu_serving_job.sh
+# On an offline CUDA host: the checkout with .whl/ and data/gpu-cifar10-slice.tar.gz beside
+# it (scripts/gpu_wheelhouse.sh), then `bash scripts/gpu_serving_job.sh` with the image's python3.
 # Rehearsal on a CPU (reduced matrix; see README "GPU serving job"):
 #   DEVICE=cpu DURATION=2 OUT=/tmp/gpujob PY=.venv/bin/python WHL=runs/whl-cp311 \
 #       PA=.whl/perf_analyzer.tar.xz scripts/gpu_serving_job.sh
 #
-# Time (estimated for 16 cores + one H100/H200, full matrix, 5 s measured + 1 s warm-up
-# per row): install + checks ~20 s, tests ~80 s (they train and export two tiny models on
-# the CPU first), exports ~25 s, model-only ~45 s, TorchScript 1 worker ~55 s +
-# perf_analyzer ~40 s, promote under load ~95 s, 4 workers ~70 s, eager ~55 s, ONNX
-# (only if the image's onnxruntime has the CUDA provider) ~55 s, TorchScript without graphs
-# ~55 s: ~540-600 s in all. BUDGET (default 520 s) is a deadline: steps that would end after
-# it are skipped, last first (a row says so), the table is always printed, and the call
-# (timeout_s=600) keeps ~80 s for stopping servers and packing. The CPU rehearsal (quick
-# matrix, 2 s per row, 2 busy cores) took 351 s. Results: $OUT/table.md, results.json,
-# job.log, logs.tar.xz (4 files; the tool brings back up to 8).
+# Variables: OUT (the folder results are written to; out/gpu-serving), DEVICE (cuda; cpu for
+# a rehearsal), DURATION and WARMUP (seconds measured and warmed up per row; 5 and 1),
+# MATRIX (full on cuda, else quick), BUDGET (the deadline, seconds from the start; 520),
+# SERVER_CORES and CLIENT_CORES (taskset lists; by default a quarter of the cores for the
+# load generators), WORKERS_MANY (4), SWAP_SECONDS and SWAP_EVERY (60 and 5: promote under
+# load), PY (python3), WHL (.whl), PA ($WHL/perf_analyzer.tar.xz), SLICE
+# (data/gpu-cifar10-slice.tar.gz), SEEDNET_CIFAR10 (the JPEG copy when there is no slice;
+# ../shared/cifar10), WORK (scratch and server logs; runs/gpu-serving).
+#
+# Time (estimated for 16 cores + one H100/H200, not measured yet; full matrix, 5 s measured
+# + 1 s warm-up per row): install + checks ~20 s, tests ~80 s (they train and export two
+# tiny models on the CPU first), exports ~25 s, model-only ~45 s, TorchScript 1 worker
+# ~55 s + perf_analyzer ~40 s, promote under load ~95 s, 4 workers ~70 s, eager ~55 s, ONNX
+# (only if onnxruntime has the CUDA provider) ~55 s, TorchScript without graphs ~55 s:
+# ~540-600 s in all. BUDGET (default 520 s) is a deadline: steps that would end after it are
+# skipped, last first (a row says so), and the table is always printed; stopping the
+# servers and packing the logs follow, so the job ends within about 10 minutes. The CPU
+# rehearsal (quick matrix, 2 s per row, 2 busy cores) took 351 s. Results in $OUT:
+# table.md, results.json, job.log, logs.tar.xz (the tests', measurements' and servers' logs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -70,7 +83,7 @@ if command -v nvidia-smi >/dev/null; then
 fi
 echo "$NCPU cores: server $SERVER_CORES, load generators $CLIENT_CORES; $(uname -r)"
 
-step "install the carried wheels (offline) into $SITE"
+step "install the offline wheelhouse into $SITE"
 if [ -d "$WHL/wheels" ]; then
     rm -rf "$SITE" && mkdir -p "$SITE"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -97,7 +110,7 @@ try:
 except ImportError:
     from pip._vendor.packaging.requirements import Requirement
 problems = []
-for dist in md.distributions(path=[str(site)]):  # every carried wheel's requirements
+for dist in md.distributions(path=[str(site)]):  # every wheelhouse package's requirements
     for line in dist.requires or []:
         req = Requirement(line)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
@@ -109,14 +122,14 @@ for dist in md.distributions(path=[str(site)]):  # every carried wheel's require
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
             problems.append(f"{dist.metadata['Name']} needs {req}: have {have}")
-print("carried wheels' requirements:", "; ".join(problems) or "all met")
+print("wheelhouse requirements:", "; ".join(problems) or "all met")
 for name in ["torch", "fastapi", "starlette", "uvicorn", "httptools", "uvloop", "pydantic",
              "pydantic_settings", "multipart", "grpc", "google.protobuf", "prometheus_client",
              "filelock", "fastapi_offline", "httpx", "onnx", "onnxscript", "onnxruntime",
              "PIL", "numpy", "safetensors"]:
     try:
         m = importlib.import_module(name)
-        where = "carried" if str(site) in (m.__file__ or "") else "image"
+        where = "wheelhouse" if str(site) in (m.__file__ or "") else "installed"
         print(f"  {name:18} {getattr(m, '__version__', '?'):14} {where}")
     except Exception as exc:
         problems.append(f"import {name}: {exc}")
@@ -125,7 +138,7 @@ import torch, inspect
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print("  ", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
-# what seednet/export.py and service/backends.py use, on this torch
+# what seednet/export.py and service/dataplane/backends.py use, on this torch
 torch.export.Dim("batch", min=1, max=65536)
 params = inspect.signature(torch.onnx.export).parameters
 for p in ("dynamo", "dynamic_shapes", "external_data"):

@@ -1,5 +1,5 @@
-"""Which wheels the GPU machine's image lacks, downloaded for its Python (helper of
-scripts/gpu_wheelhouse.sh; run it through that script).
+"""Which wheels a PyTorch CUDA image lacks to run the service, downloaded for its Python
+(part of scripts/gpu_wheelhouse.sh; run it through that script).
 
     python scripts/gpu_wheelhouse.py --dest .whl/wheels [--python-version 3.12]
                                      [--pin-python .venv/bin/python] [--no-repack]
@@ -7,8 +7,9 @@ scripts/gpu_wheelhouse.sh; run it through that script).
 The list is derived, not hand-kept:
 
 1. ``[project.dependencies]`` of pyproject.toml, plus the ``uvicorn[standard]`` pieces
-   the service uses, minus what the image already holds (``IMAGE_HAS``, read off
-   /work/.library/device/KINDS.md on 2026-11-17) and minus ``SKIP`` (with the reason);
+   the service uses, minus what the image already holds (``IMAGE_HAS``: the package list
+   of the image the job was written for, torch 2.11 + CUDA 13 on Python 3.12, read on
+   2026-11-17; put your image's ``pip list`` there) and minus ``SKIP`` (with the reason);
 2. plus ``FORCE``: packages the image has, but at a version we cannot rely on;
 3. then the closure: every ``Requires-Dist`` (no extra, markers evaluated for the
    target Python on Linux) of every downloaded wheel that is neither in the image nor
@@ -17,8 +18,8 @@ The list is derived, not hand-kept:
 Versions are pinned to what ``--pin-python`` (the development venv, where the test suite
 passes) has installed; a package it lacks is taken at its newest version. Wheels over
 256 KiB are recompressed with LZMA (same files, same RECORD hashes: pip installs them as
-usual), because everything carried to the GPU machine shares 64 MiB with the working
-tree. The list, the reason for each entry and the sizes go to ``<dest>/../WHEELS.txt``.
+usual), because the wheelhouse was sized to fit, with the working tree, in a 64 MiB
+transfer. The list, the reason for each entry and the sizes go to ``<dest>/../WHEELS.txt``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ except ModuleNotFoundError:  # pip always carries a copy
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The GPU image ('cuda'), as /work/.library/device/KINDS.md listed it on 2026-11-17.
+# The packages of the PyTorch CUDA image the job was written for, as listed on 2026-11-17.
 _IMAGE_LIST = """
     absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
     botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
@@ -78,14 +79,14 @@ IMAGE_HAS = frozenset(_IMAGE_LIST.split())
 SKIP = {
     "torch": "the image's 2.11 (CUDA 13) build is the one that drives the GPU",
     "torchvision": "the image's build matches its torch",
-    "onnxruntime-gpu": "255.6 MB for cp312 (1.31.1), 4x the 64 MiB carry limit: the onnx "
-    "backend gets the image's onnxruntime",
+    "onnxruntime-gpu": "255.6 MB for cp312 (1.31.1), 4x the 64 MiB the wheelhouse is sized "
+    "for: the onnx backend gets the image's onnxruntime",
     # uvicorn[standard] pieces the service does not use
     "websockets": "no WebSocket routes",
     "watchfiles": "only for --reload",
 }
 
-# The image has these, at versions nobody has read: carry the tested ones.
+# The image has these, at versions not known in advance: the wheelhouse holds the tested ones.
 FORCE = {
     "grpcio": "the committed gRPC stubs refuse grpcio < 1.85.1 at import",
     "protobuf": "the committed pb2 needs protobuf >= 7.35.1, < 8",
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             size += f" (pip's: {before / 1e6:.2f})"
         lines.append(f"{wheel.name}  {size}  {why.get(n, '?')}")
     lines.append(f"# total {total / 1e6:.2f} MB in {len(lines) - 1} wheels")
-    lines.append("# not carried: " + "; ".join(f"{k}: {v}" for k, v in SKIP.items()))
+    lines.append("# left out: " + "; ".join(f"{k}: {v}" for k, v in SKIP.items()))
     report = "\n".join(lines)
     (args.dest.parent / "WHEELS.txt").write_text(report + "\n")
     print(report)

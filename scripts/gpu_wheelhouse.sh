@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Collect HERE (where the package index is reachable) what the GPU machine's image lacks,
-# for scripts/gpu_serving_job.sh to install offline there:
+# An offline wheelhouse for a CUDA host without a package index (an air-gapped GPU host
+# running a PyTorch CUDA image): run this on a machine that reaches the index; it collects
+# what that image lacks, for scripts/gpu_serving_job.sh to install there without an index.
+# A host with the project installed (scripts/setup.sh dev) needs none of this.
 #
 #   .whl/wheels/*.whl          the service's missing wheels for the image's Python (3.12,
 #                              manylinux x86_64), derived from pyproject.toml by
@@ -13,9 +15,9 @@
 #                              for the tests' tiny models; test: 64 per class = 640 JPEGs
 #                              for the tests, the golden sets and the load generators)
 #
-# Both paths are git-ignored. Carry them: run(carry=[".whl", "data/gpu-cifar10-slice.tar.gz"]).
-# Everything that travels (tracked + untracked-not-ignored files + carried paths) must stay
-# under 64 MiB; the script prints the sum.
+# Both paths are git-ignored: copy them to the GPU host with the checkout. `size` prints what
+# that copy weighs (tracked + untracked-not-ignored files + these paths) and fails above
+# LIMIT_MIB (64 MiB, the transfer cap the wheelhouse was sized for).
 #
 #   scripts/gpu_wheelhouse.sh                    # everything, for the GPU image (cp312)
 #   PYVER=3.11 DEST=runs/whl-cp311 scripts/gpu_wheelhouse.sh wheels
@@ -76,7 +78,7 @@ data() {  # the first 16 train and 64 test JPEGs of each class, in the folder la
     echo "$SLICE: $(wc -l < "$list") JPEGs, $(du -b "$SLICE" | cut -f1) bytes"
 }
 
-size() {  # what travels: tracked + untracked-not-ignored files + the carried paths
+size() {  # what the copy weighs: tracked + untracked-not-ignored files + the wheelhouse and slice
     local tracked untracked carried total
     tracked=$(git ls-files -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
     untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
@@ -85,7 +87,7 @@ size() {  # what travels: tracked + untracked-not-ignored files + the carried pa
     printf '%-34s %10s\n' "tracked files" "$tracked" "untracked, not ignored" "${untracked:-0}"
     du -b "$DEST"/WHEELS.txt "$DEST"/perf_analyzer.tar.xz "$SLICE" 2>/dev/null | awk '{printf "%-34s %10s\n", $2, $1}'
     printf '%-34s %10s\n' "$DEST/wheels" "$(du -cb "$DEST"/wheels/*.whl 2>/dev/null | tail -1 | cut -f1)"
-    printf '%-34s %10s  = %.1f MiB of %d MiB (%.1f MiB left)\n' "total that travels" "$total" \
+    printf '%-34s %10s  = %.1f MiB of %d MiB (%.1f MiB left)\n' "total to copy" "$total" \
         "$(echo "$total/1048576" | bc -l)" "$LIMIT_MIB" "$(echo "$LIMIT_MIB - $total/1048576" | bc -l)"
     [ "$total" -lt $(( LIMIT_MIB * 1048576 )) ] || { echo "over the ${LIMIT_MIB} MiB limit" >&2; exit 1; }
 }

@@ -117,7 +117,7 @@ def _run_one(
 def _run_safely(state: SweepState, base: TrainSettings, *args, **kwargs) -> tuple:
     """One run; a run that fails under torch.compile is retried once without it (and the
     rest of the sweep runs without it), so one compiler problem costs one run's time,
-    not the device call. Returns (row or None, the settings to go on with)."""
+    not the whole sweep. Returns (row or None, the settings to go on with)."""
     try:
         return _run_one(base, *args, **kwargs), base
     except Exception as exc:  # any failure: record it and keep the sweep going

@@ -574,7 +574,7 @@ def test_a_tiny_sweep_prints_one_table(cifar_dir, tmp_path):
 
 
 def test_a_sweep_goes_on_without_torch_compile_when_it_fails(cifar_dir, tmp_path):
-    """On the GPU a compiler failure must cost one run, not the device call."""
+    """On the GPU a compiler failure must cost one run, not the whole sweep."""
     plan = SweepPlan(variants={"v2": {}}, ablation_epochs=1, ablation_seeds=1, final_seeds=0)
     base = _tiny(tmp_path, "unused", data=str(cifar_dir), epochs=None)
     base = replace(base, compile=True, compile_mode="no-such-mode")  # torch.compile refuses it
@@ -624,9 +624,10 @@ def test_the_training_steps_never_sync_with_the_host(cifar_dir, tmp_path):
 
 
 def test_results_split_into_parts_come_back_whole_or_not_at_all(tmp_path):
-    """scripts/gpu_lib.sh packs a job's results in parts with SHA256SUMS on the device;
-    scripts/gpu_fetch.sh joins them here, and refuses a part that changed on the way."""
-    work = tmp_path / "device"
+    """scripts/gpu_lib.sh packs a job's results in parts with SHA256SUMS on the GPU host;
+    scripts/gpu_fetch.sh joins them where they were copied, and refuses a part that changed
+    on the way."""
+    work = tmp_path / "gpu-host"
     (work / "runs" / "r").mkdir(parents=True)
     payload = bytes(range(256)) * 70_000  # 17.9 MB: two parts
     (work / "runs" / "r" / "model.safetensors").write_bytes(payload)
