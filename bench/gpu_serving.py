@@ -599,8 +599,8 @@ class Job:
             if cfg.backend == "onnx" and not onnx_cuda() and a.device == "cuda":
                 self.rows.append(
                     Row("skipped", f"onnx graphs=- w={cfg.workers}",
-                        note="this onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu "
-                        "is 255 MB: not carried); the backend would run on the CPU")
+                        note="this onnxruntime has no CUDAExecutionProvider (install "
+                        "onnxruntime-gpu); the backend would run on the CPU")
                 )  # fmt: skip
                 continue
             if self.fits(cfg.name, per_config + 10 * cfg.workers):

@@ -75,7 +75,7 @@ _IMAGE_LIST = """
     urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp"""
 IMAGE_HAS = frozenset(_IMAGE_LIST.split())
 
-# In pyproject.toml, deliberately not carried.
+# In pyproject.toml, deliberately left out of the wheelhouse.
 SKIP = {
     "torch": "the image's 2.11 (CUDA 13) build is the one that drives the GPU",
     "torchvision": "the image's build matches its torch",

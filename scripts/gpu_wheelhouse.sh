@@ -79,11 +79,11 @@ data() {  # the first 16 train and 64 test JPEGs of each class, in the folder la
 }
 
 size() {  # what the copy weighs: tracked + untracked-not-ignored files + the wheelhouse and slice
-    local tracked untracked carried total
+    local tracked untracked extra total
     tracked=$(git ls-files -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
     untracked=$(git ls-files -z --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
-    carried=$(du -cb "$DEST" "$SLICE" 2>/dev/null | tail -1 | cut -f1)
-    total=$(( tracked + ${untracked:-0} + carried ))
+    extra=$(du -cb "$DEST" "$SLICE" 2>/dev/null | tail -1 | cut -f1)
+    total=$(( tracked + ${untracked:-0} + extra ))
     printf '%-34s %10s\n' "tracked files" "$tracked" "untracked, not ignored" "${untracked:-0}"
     du -b "$DEST"/WHEELS.txt "$DEST"/perf_analyzer.tar.xz "$SLICE" 2>/dev/null | awk '{printf "%-34s %10s\n", $2, $1}'
     printf '%-34s %10s\n' "$DEST/wheels" "$(du -cb "$DEST"/wheels/*.whl 2>/dev/null | tail -1 | cut -f1)"
