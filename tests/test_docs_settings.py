@@ -25,6 +25,7 @@ in copies of the real texts to show that each check fails.
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,26 +53,35 @@ NOT_SETTINGS = {
 
 @dataclass(frozen=True)
 class Computed:
-    """A default computed from the host: the words the docs use and the rule they state,
-    ``rule(cpus, workers)`` for the Settings method ``method``."""
+    """A default computed from the host: the words the docs use for it, what Settings
+    computes (``actual(settings)``) and the rule those words state (``rule(cpus, workers)``)."""
 
     form: str
-    method: str
-    rule: Callable[[int, int], int]
+    actual: Callable[[Settings], object]
+    rule: Callable[[int, int], object]
 
 
-def _decode_rule(cpus: int, workers: int) -> int:
-    return min(4, max(1, (cpus // workers) // 2))
+BACKENDS = typing.get_args(Settings.model_fields["backend"].annotation)
+SPINNING = ("torchscript", "eager")  # torch's intra-op threads spin while they wait
 
 
 #: How the docs write a default that is not a plain value. A field whose default is None
 #: and that is not listed here may only be documented as "unset" (or "empty").
 SPECIAL_FORMS: dict[str, Computed] = {
-    "decode_workers": Computed("half of the worker's CPUs, 1 to 4", "decode_threads", _decode_rule),
+    "decode_workers": Computed(
+        "the worker's CPUs, at most 4",
+        lambda s: s.decode_threads(),
+        lambda cpus, workers: min(4, max(1, cpus // workers)),
+    ),
     "inference_threads": Computed(
-        "the worker's CPUs left by the decode workers, at least 1",
-        "torch_threads",
-        lambda cpus, workers: max(1, cpus // workers - _decode_rule(cpus, workers)),
+        "per backend: the worker's CPUs for ONNX Runtime and OpenVINO, one fewer (at least 1) "
+        "for TorchScript and eager",
+        lambda s: {b: s.threads_for(b) for b in BACKENDS if not b.startswith("auto")},
+        lambda cpus, workers: {
+            b: max(1, cpus // workers - (b in SPINNING))
+            for b in BACKENDS
+            if not b.startswith("auto")
+        },
     ),
 }
 UNSET_FORMS = ("unset", "empty")
@@ -331,16 +341,16 @@ def test_docker_md_lists_exactly_what_compose_passes():
 @pytest.mark.parametrize("field", sorted(SPECIAL_FORMS))
 def test_a_computed_default_follows_the_rule_the_docs_state(field, monkeypatch):
     computed = SPECIAL_FORMS[field]
+    assert Settings.model_fields[field].default is None, f"{field} is no longer computed"
     for name in SPECIAL_FORMS:  # the rule is about the default: nothing set from outside
         monkeypatch.delenv(env_name(name), raising=False)
-    assert Settings.model_fields[field].default is None, f"{field} is no longer computed"
     for cpus in (1, 2, 3, 4, 7, 8, 16, 64):
         monkeypatch.setattr(config, "available_cpus", lambda cpus=cpus: cpus)
         for workers in (1, 2, 3):
-            got = getattr(Settings(workers=workers), computed.method)()
-            assert got == computed.rule(cpus, workers), (
-                f"{cpus} CPUs, {workers} workers: {computed.method}() = {got}, but the docs "
-                f"say {computed.form!r} (= {computed.rule(cpus, workers)})"
+            got, want = computed.actual(Settings(workers=workers)), computed.rule(cpus, workers)
+            assert got == want, (
+                f"{cpus} CPUs, {workers} workers: Settings computes {got}, but the docs say "
+                f"{computed.form!r} (= {want})"
             )
 
 
