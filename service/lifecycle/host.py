@@ -89,8 +89,13 @@ class ModelHost:
             recorded = dict(self.registry.derived(mv).get("auto", {}))
             recorded[auto["host_key"]] = record
             self.registry.add_derived(mv, {}, {"auto": recorded})
-        except Exception as exc:  # read-only registry, or one that needs repair
-            log.warning("auto: the choice for %s is not recorded: %s", mv.ref, exc)
+        except Exception as exc:  # a read-only registry (a baked image), or one to repair
+            log.info(
+                "auto: the choice for %s is kept for this process only (%s: the registry "
+                "cannot be written); it is measured again at the next start",
+                mv.ref,
+                type(exc).__name__,
+            )
 
     async def follow_alias(self, every: float) -> None:
         """Swap to whatever SEEDNET_MODEL_REF resolves to now, checked every ``every`` s.

@@ -789,3 +789,170 @@ def test_every_response_carries_the_security_headers(hostile, path) -> None:
 def test_no_redirect_is_built_from_the_host_header(hostile) -> None:
     r = httpx.get(f"{hostile.url}/models/", headers={"host": "evil.example"})
     assert r.status_code == 404 and "location" not in r.headers
+
+
+# ------------------------------------------------- 9. the inference protocol's front ends
+
+
+@pytest.fixture(scope="module")
+def protocol_server(served_registry: Path, tmp_path_factory) -> Iterator[LiveServer]:
+    """Default limits (64 images, 16 MiB), gRPC on, admission with a tiny queue."""
+    root = copy_registry(served_registry, tmp_path_factory.mktemp("protocol"))
+    with serve(root, grpc_port=0, max_queue_images=4, queue_timeout_ms=60_000) as srv:
+        yield srv
+
+
+def _liveness_during(url: str, work) -> tuple[object, float]:
+    """Run ``work()`` while polling /health/live; (its result, the slowest answer)."""
+    slowest = [0.0]
+    stop = threading.Event()
+
+    def poll() -> None:
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                assert client.get(f"{url}/health/live").status_code == 200
+                slowest[0] = max(slowest[0], time.perf_counter() - t0)
+                time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        return work(), slowest[0]
+    finally:
+        stop.set()
+        poller.join(30)
+
+
+def test_the_v2_body_limit_is_derived_from_the_largest_valid_request(protocol_server) -> None:
+    from service.frontends.oip.common import request_limits
+
+    limits = request_limits(protocol_server.settings)
+    # 64 encoded files of one /predict request, or 64 images as JSON numbers: not 640 MiB
+    assert limits.total_bytes < 20 * 2**20
+    url = protocol_server.url
+    r = httpx.post(
+        f"{url}/v2/models/tiny/infer",
+        headers={"content-length": str(limits.total_bytes + 1)},
+        content=b"x" * 10,
+    )
+    assert r.status_code == 413 and "at most" in r.json()["error"]
+    # a chunked body is cut off as it passes the limit, not read to its end (1 GiB)
+    head = (
+        b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+    )
+    sent, status, _, body, _ = _stream_until_answered(url, head, b"[" * 65536, 2**30)
+    assert status == 413 and "over the limit" in json.loads(body)["error"]
+    assert sent <= limits.total_bytes + 4 * 2**20
+
+
+def test_a_costly_json_body_neither_blocks_liveness_nor_is_parsed(protocol_server) -> None:
+    """The probe: 100 MB of `[],` took 2.65 GB and blocked /health/live for 16 s. Now the
+    JSON part is capped (1.3 MB) and so are its arrays and objects, before parsing."""
+    from service.frontends.oip.common import request_limits
+
+    limits = request_limits(protocol_server.settings)
+    url = protocol_server.url
+    cases = {
+        "arrays": b"[" + b"[]," * (limits.json_bytes // 3 - 2) + b"[]]",
+        "over the JSON limit": b"[" + b"0," * limits.json_bytes + b"0]",
+        "deep": b"[" * 100_000 + b"]" * 100_000,
+    }
+    baseline = rss_bytes()
+    for name, body in cases.items():
+        r, slowest = _liveness_during(
+            url, lambda b=body: httpx.post(f"{url}/v2/models/tiny/infer", content=b, timeout=60)
+        )
+        assert r.status_code in (400, 413), (name, r.text[:200])
+        assert len(r.content) < 2000, name
+        # generous for a shared CI machine; the probe's stall was 16 s
+        assert slowest < 1.0, (name, slowest)
+    gc.collect()
+    assert rss_bytes() < baseline + 200 * 2**20
+
+
+def test_grpc_refuses_hostile_messages_with_bounded_errors_and_counts_them(
+    protocol_server,
+) -> None:
+    import grpc
+
+    from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
+    from service.frontends.oip.grpc import max_receive_bytes
+
+    errors = _Records()
+    for name in ("seednet", "grpc", "grpc._cython.cygrpc"):
+        logging.getLogger(name).addHandler(errors)
+    channel = grpc.insecure_channel(protocol_server.grpc_url)
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
+    raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    try:
+        # a million-dimension shape: refused before it is walked, and not echoed back
+        request = pb.ModelInferRequest(model_name="tiny")
+        request.inputs.add(name="images", datatype="UINT8", shape=[1] * 1_000_000)
+        with pytest.raises(grpc.RpcError) as info:
+            infer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "dimensions" in info.value.details() and len(info.value.details()) <= 1000
+        # a message over the limit: refused by the transport
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\0" * (max_receive_bytes(protocol_server.app.state.service) + 1), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # bytes that are no protobuf: a counted INVALID_ARGUMENT, no traceback
+        with pytest.raises(grpc.RpcError) as info:
+            raw(b"\xff\xff\xff\xff\x0f", timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # overload: RESOURCE_EXHAUSTED with retry-after, no traceback either
+        request = pb.ModelInferRequest(model_name="tiny")
+        request.inputs.add(name="images", datatype="UINT8", shape=[5, 3, 32, 32])
+        request.raw_input_contents.append(bytes(5 * 3 * 32 * 32))
+        with pytest.raises(grpc.RpcError) as info:
+            infer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert int(dict(info.value.trailing_metadata())["retry-after"]) >= 1
+    finally:
+        channel.close()
+        for name in ("seednet", "grpc", "grpc._cython.cygrpc"):
+            logging.getLogger(name).removeHandler(errors)
+    assert [r for r in errors.records if r.exc_info] == []
+    metrics = httpx.get(f"{protocol_server.url}/metrics").text
+    refused = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('seednet_request_errors_total{protocol="grpc"')
+        and 'route="inference.GRPCInferenceService/ModelInfer"' in line
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in refused) >= 3, refused
+
+
+def test_overload_on_v2_is_429_without_a_traceback(protocol_server) -> None:
+    errors = _Records()
+    logging.getLogger("seednet").addHandler(errors)
+    pixels = bytes(5 * 3 * 32 * 32)  # 5 images: over the queue's 4
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "UINT8",
+                    "shape": [5, 3, 32, 32],
+                    "parameters": {"binary_data_size": len(pixels)},
+                }
+            ]
+        }
+    ).encode()
+    try:
+        for _ in range(20):
+            r = httpx.post(
+                f"{protocol_server.url}/v2/models/tiny/infer",
+                content=header + pixels,
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    finally:
+        logging.getLogger("seednet").removeHandler(errors)
+    assert errors.records == []

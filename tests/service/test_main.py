@@ -156,6 +156,12 @@ def test_two_workers_share_one_metrics_view_and_follow_a_promote(served_registry
                 return all(a.json()["model"]["version"] == "2" for a in answers)
 
             wait_until(everyone_serves_2, 60, 0.5, "both workers to serve tiny@2")
+            # each worker reports the model it serves now, and no longer the old one
+            info = [
+                line
+                for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith("seednet_model_info{")
+            ]
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
@@ -164,3 +170,4 @@ def test_two_workers_share_one_metrics_view_and_follow_a_promote(served_registry
     ok = 'seednet_requests_total{method="POST",protocol="rest",route="/predict",status="200"}'
     assert metric_value(metrics, ok) == 12
     assert out.count("serving tiny@1 on torchscript/cpu") == 2  # one per worker
+    assert len(info) == 2 and all('version="2"' in line for line in info), info
