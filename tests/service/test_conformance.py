@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from seednet.runtimes import openvino_available
 from service.config import Settings
 from service.dataplane.backends import FP32_BACKENDS, PLATFORMS
-from service.lifecycle.autoselect import auto_candidates
+from service.lifecycle.autoselect import AUTO_MODES, auto_candidates
 from tests.conftest import REPO, LiveServer, wait_until
 from tests.service.test_service import CLASSES, metric_value
 
@@ -124,7 +124,7 @@ def test_every_backend_value_is_a_complete_citizen():
         if not value.startswith("auto"):
             assert value in PLATFORMS, f"backend {value} has no inference-protocol platform"
     assert set(auto_candidates("cpu")) <= set(values)
-    assert set(FP32_BACKENDS) | {"onnx-int8"} == set(values) - {"auto"}
+    assert set(FP32_BACKENDS) | {"onnx-int8"} == set(values) - set(AUTO_MODES)
 
 
 def test_metadata_and_config_through_both_clients(srv, http, grpc):
