@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from registry.errors import MetadataError, RegistryError
-from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, check_entry, split_ref
+from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, split_ref
 
 Materializer = Callable[[Registry, ModelVersion], object]
 
@@ -66,8 +66,8 @@ def _cmd_show(registry: Registry, args: argparse.Namespace) -> int:
     derived_files = registry.derived(mv).get("files", {})
     if not derived_files:
         print(f"derived files: none (run: python -m service.registry materialize {mv.ref})")
-    for filename, entry in sorted(derived_files.items()):
-        problem = check_entry(mv.path, filename, entry)
+    for filename in sorted(derived_files):
+        problem = registry.check_file(mv, filename)
         print(f"derived {filename}: {problem or 'ok'}")
     return 0
 
@@ -144,7 +144,8 @@ def build_parser(materialize: Materializer | None = None) -> argparse.ArgumentPa
     parser.add_argument(
         "--root",
         default=os.environ.get("SEEDNET_REGISTRY_ROOT", "models"),
-        help="registry folder (default: $SEEDNET_REGISTRY_ROOT or ./models)",
+        help="registry: a folder, file://PATH or s3://BUCKET/PREFIX (credentials from the "
+        "environment / AWS config) (default: $SEEDNET_REGISTRY_ROOT or ./models)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="table of every version").set_defaults(func=_cmd_list)

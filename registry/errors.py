@@ -46,3 +46,10 @@ class StorageError(RegistryError):
     """The registry could not be written (read-only, full, permissions); nothing changed."""
 
     code = "registry_unwritable"
+
+
+class StoreUnavailableError(StorageError):
+    """The registry's store could not be reached or answered with an error (network,
+    endpoint, timeout). Nothing changed; a served model keeps serving."""
+
+    code = "registry_unavailable"
