@@ -193,6 +193,7 @@ materialize(reg, reg.get("tiny@1"))
 """
 
 
+@pytest.mark.slow
 def test_a_killed_materialize_leaves_its_scratch_in_the_registry_not_in_tmp(
     tmp_path: Path, tiny_run: Path
 ) -> None:
