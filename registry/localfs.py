@@ -155,7 +155,10 @@ class LocalStorage(Storage):
 
     def _lock_is_free(self, model: str) -> bool:
         """Whether no writer holds ``model``'s lock now (a probe that never waits)."""
-        lock = filelock.FileLock(str(self._path(model) / LOCK_NAME), timeout=0)
+        path = self._path(model) / LOCK_NAME
+        if not path.exists():
+            return True  # every writer creates it before locking: none has started
+        lock = filelock.FileLock(str(path), timeout=0)
         try:
             lock.acquire()
         except (filelock.Timeout, OSError):
