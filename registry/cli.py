@@ -2,7 +2,7 @@
 materialize.
 
 Building exports needs the network code (torch), which this package never imports: the
-caller passes a ``materialize`` function in. ``python -m service.registry`` (and the
+caller passes a ``materialize`` function in. ``python -m service.registry_cli`` (and the
 ``seednet-registry`` script) is this CLI with the SeedNet exporter plugged in.
 """
 
@@ -65,7 +65,7 @@ def _cmd_show(registry: Registry, args: argparse.Namespace) -> int:
     print(f"aliases: {', '.join(registry.aliases_of(mv)) or '(none)'}")
     derived_files = registry.derived(mv).get("files", {})
     if not derived_files:
-        print(f"derived files: none (run: python -m service.registry materialize {mv.ref})")
+        print(f"derived files: none (run: python -m service.registry_cli materialize {mv.ref})")
     for filename in sorted(derived_files):
         problem = registry.check_file(mv, filename)
         print(f"derived {filename}: {problem or 'ok'}")
@@ -139,7 +139,7 @@ def _cmd_delete(registry: Registry, args: argparse.Namespace) -> int:
 
 def build_parser(materialize: Materializer | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.registry", description="Inspect and manage the model registry."
+        prog="python -m service.registry_cli", description="Inspect and manage the model registry."
     )
     parser.add_argument(
         "--root",

@@ -36,7 +36,7 @@ class ConflictError(RegistryError):
 class MetadataError(IntegrityError):
     """A model's own registry file (aliases.json, deleted.json) is unreadable or malformed.
 
-    Versions stay intact; ``python -m service.registry repair NAME`` restores the file.
+    Versions stay intact; ``python -m service.registry_cli repair NAME`` restores the file.
     """
 
     code = "registry_corrupt"

@@ -429,7 +429,7 @@ class Registry:
 
     def _corrupt_aliases(self, name: str, problem: str) -> MetadataError:
         return MetadataError(
-            f"{problem}; the versions are unaffected: run `python -m service.registry "
+            f"{problem}; the versions are unaffected: run `python -m service.registry_cli "
             f"repair {name}` to restore it"
         )
 
@@ -801,7 +801,7 @@ class Registry:
         return [
             f"{MANIFEST_DIGEST_FILE}: missing, so changes to {MANIFEST_FILE} go unnoticed "
             f"(published before manifests had a digest); after checking the version, run "
-            f"`python -m service.registry seal {mv.ref}`"
+            f"`python -m service.registry_cli seal {mv.ref}`"
         ]
 
     def check_model(self, name: str) -> tuple[list[str], list[str]]:
@@ -820,14 +820,14 @@ class Registry:
                 if target not in existing:
                     problems.append(
                         f"{ALIASES}: alias {alias!r} points at version {target}, which does "
-                        f"not exist; run `python -m service.registry repair {name}`"
+                        f"not exist; run `python -m service.registry_cli repair {name}`"
                     )
         except MetadataError as e:
             problems.append(str(e))
         try:
             self._deleted(name)
         except MetadataError as e:
-            problems.append(f"{e}; run `python -m service.registry repair {name}`")
+            problems.append(f"{e}; run `python -m service.registry_cli repair {name}`")
         for d in self.storage.debris(name):
             if d.alive:
                 warnings.append(f"{d.where}: temporary, in use by a running writer")

@@ -60,7 +60,7 @@ def _flip_object_byte(env: dict[str, str], root: str, key: str) -> None:
 
 def _cli(env: dict[str, str], root: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "service.registry", "--root", root, *args],
+        [sys.executable, "-m", "service.registry_cli", "--root", root, *args],
         cwd=REPO,
         env={**os.environ, **env},
         capture_output=True,

@@ -135,7 +135,7 @@ def test_two_services_follow_the_bucket_and_survive_the_store_going_down(
         with Load(urls, image) as load:
             time.sleep(2)
             promote = subprocess.run(
-                [sys.executable, "-m", "service.registry", "--root", root]
+                [sys.executable, "-m", "service.registry_cli", "--root", root]
                 + ["promote", "tiny", "2"],
                 cwd=REPO,
                 env={**os.environ, **env},
