@@ -1,6 +1,7 @@
 """The model registry: immutable, checksummed versions, typed manifests, movable aliases.
 
-Standard library and ``filelock`` only (a test enforces it), so every layer can use it.
+Standard library and ``filelock`` only (a test enforces it), so every layer can use it;
+``fsspec`` (+ s3fs) is imported only for an ``s3://`` root.
 """
 
 from registry.errors import (
@@ -11,12 +12,14 @@ from registry.errors import (
     NotFoundError,
     RegistryError,
     StorageError,
+    StoreUnavailableError,
 )
 from registry.manifest import Manifest, VersionSpec
-from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, validate_name
+from registry.store import DEFAULT_ALIAS, AliasState, ModelVersion, Registry, validate_name
 
 __all__ = [
     "DEFAULT_ALIAS",
+    "AliasState",
     "ConflictError",
     "IntegrityError",
     "InvalidNameError",
@@ -27,6 +30,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "StorageError",
+    "StoreUnavailableError",
     "VersionSpec",
     "validate_name",
 ]

@@ -2,7 +2,7 @@
 materialize.
 
 Building exports needs the network code (torch), which this package never imports: the
-caller passes a ``materialize`` function in. ``python -m service.registry`` (and the
+caller passes a ``materialize`` function in. ``python -m service.registry_cli`` (and the
 ``seednet-registry`` script) is this CLI with the SeedNet exporter plugged in.
 """
 
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 from registry.errors import MetadataError, RegistryError
-from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, check_entry, split_ref
+from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, split_ref
 
 Materializer = Callable[[Registry, ModelVersion], object]
 
@@ -65,9 +65,9 @@ def _cmd_show(registry: Registry, args: argparse.Namespace) -> int:
     print(f"aliases: {', '.join(registry.aliases_of(mv)) or '(none)'}")
     derived_files = registry.derived(mv).get("files", {})
     if not derived_files:
-        print(f"derived files: none (run: python -m service.registry materialize {mv.ref})")
-    for filename, entry in sorted(derived_files.items()):
-        problem = check_entry(mv.path, filename, entry)
+        print(f"derived files: none (run: python -m service.registry_cli materialize {mv.ref})")
+    for filename in sorted(derived_files):
+        problem = registry.check_file(mv, filename)
         print(f"derived {filename}: {problem or 'ok'}")
     return 0
 
@@ -139,12 +139,13 @@ def _cmd_delete(registry: Registry, args: argparse.Namespace) -> int:
 
 def build_parser(materialize: Materializer | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.registry", description="Inspect and manage the model registry."
+        prog="python -m service.registry_cli", description="Inspect and manage the model registry."
     )
     parser.add_argument(
         "--root",
         default=os.environ.get("SEEDNET_REGISTRY_ROOT", "models"),
-        help="registry folder (default: $SEEDNET_REGISTRY_ROOT or ./models)",
+        help="registry: a folder, file://PATH or s3://BUCKET/PREFIX (credentials from the "
+        "environment / AWS config) (default: $SEEDNET_REGISTRY_ROOT or ./models)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="table of every version").set_defaults(func=_cmd_list)

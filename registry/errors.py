@@ -36,7 +36,7 @@ class ConflictError(RegistryError):
 class MetadataError(IntegrityError):
     """A model's own registry file (aliases.json, deleted.json) is unreadable or malformed.
 
-    Versions stay intact; ``python -m service.registry repair NAME`` restores the file.
+    Versions stay intact; ``python -m service.registry_cli repair NAME`` restores the file.
     """
 
     code = "registry_corrupt"
@@ -46,3 +46,10 @@ class StorageError(RegistryError):
     """The registry could not be written (read-only, full, permissions); nothing changed."""
 
     code = "registry_unwritable"
+
+
+class StoreUnavailableError(StorageError):
+    """The registry's store could not be reached or answered with an error (network,
+    endpoint, timeout). Nothing changed; a served model keeps serving."""
+
+    code = "registry_unavailable"

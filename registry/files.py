@@ -81,6 +81,21 @@ def copy_hashed(src: Path | bytes, dst: Path) -> dict[str, Any]:
     return {"sha256": h.hexdigest(), "size": size}
 
 
+def check_file(path: Path, sha256: str, size: int) -> str | None:
+    """What is wrong with the file at ``path`` against its recorded size and sha256."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_file():
+        return "missing"
+    found_size = path.stat().st_size
+    if found_size != size:
+        return f"size mismatch (expected {size} bytes, found {found_size})"
+    digest = sha256_file(path)
+    if digest != sha256:
+        return f"sha256 mismatch (expected {sha256[:12]}..., found {digest[:12]}...)"
+    return None
+
+
 def tmp_name(label: str = "") -> str:
     """A unique temporary name; registry readers skip names with this prefix."""
     return f"{TMP_PREFIX}{secrets.token_hex(8)}{'-' + label if label else ''}"
@@ -170,11 +185,14 @@ def _owner_alive(lock: Path) -> bool:
     return False
 
 
-def tmp_entries(folder: Path) -> list[tuple[Path, bool]]:
-    """Every temp entry of ``folder`` and whether it is live (owned, or young if unowned).
+def tmp_entries(folder: Path, others_writing: bool = True) -> list[tuple[Path, bool]]:
+    """Every temp entry of ``folder`` and whether it is live.
 
-    Call it holding the registry lock of ``folder``: then an entry without a live owner
-    cannot be half-way through anything. A folder comes before its ``.owner`` file.
+    An entry with an owner file is live while its owner holds the lock. An unowned entry
+    (a derived file being copied, a journal being replaced) is written only under the
+    registry lock of ``folder``: with ``others_writing`` False (the caller holds that lock,
+    or found it free) it is debris at once; otherwise it counts as live while young. A
+    folder comes before its ``.owner`` file.
     """
     entries = sorted(folder.glob(TMP_PREFIX + "*"))
     owners = {
@@ -190,8 +208,13 @@ def tmp_entries(folder: Path) -> list[tuple[Path, bool]]:
                 if lock not in probed:
                     probed[lock] = _owner_alive(lock)
                 alive = probed[lock]
+            elif p.name.endswith(OWNER_SUFFIX + ".new"):
+                # an owner file being created (outside any registry lock): locked by its
+                # creator a moment after it appears, so a young one may still be on its way
+                young = now - p.lstat().st_mtime < UNOWNED_GRACE_SECONDS
+                alive = young or _owner_alive(p)
             else:
-                alive = now - p.lstat().st_mtime < UNOWNED_GRACE_SECONDS
+                alive = others_writing and now - p.lstat().st_mtime < UNOWNED_GRACE_SECONDS
         except FileNotFoundError:
             continue  # its owner finished meanwhile
         except OSError:
@@ -200,10 +223,10 @@ def tmp_entries(folder: Path) -> list[tuple[Path, bool]]:
     return out
 
 
-def remove_dead_tmp(folder: Path) -> list[str]:
+def remove_dead_tmp(folder: Path, others_writing: bool = True) -> list[str]:
     """Remove the temp entries of dead writers (see :func:`tmp_entries`); their names."""
     removed = []
-    for p, alive in tmp_entries(folder):
+    for p, alive in tmp_entries(folder, others_writing):
         if not alive:
             try:
                 remove_tree_or_file(p)

@@ -6,6 +6,10 @@ afterwards. Schema history:
 - 1 (no ``schema_version`` key): the first wave's manifests; they also carry a redundant
   ``input_size`` next to ``input.size``, which is read and dropped.
 - 2: ``schema_version`` recorded; ``input_size`` no longer written.
+- 3: a file entry may carry ``location``: the bytes are shared with an earlier version of
+  the same model and live in its folder (``"1/weights.safetensors"``), so they are stored
+  once. Written only by a manifest that shares a file; every other one stays schema 2,
+  which older readers still read.
 
 Reading never rewrites a file, so versions published under schema 1 keep their bytes and
 checksums. Keys this code does not know are kept in ``extra`` (and written back by
@@ -14,12 +18,17 @@ checksums. Keys this code does not know are kept in ``extra`` (and written back 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from registry.errors import IntegrityError
 
-SCHEMA_VERSION = 2
+# "<version>/<file name>": the same rules as registry.store's names, so it cannot escape.
+_LOCATION_RE = re.compile(r"[0-9]{1,18}/[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+SCHEMA_VERSION = 3  # the newest schema this code reads and writes
+SCHEMA_WITHOUT_SHARED_FILES = 2  # what a manifest that shares no file is written as
 
 MANIFEST_FILE = "manifest.json"
 # sha256 of manifest.json's bytes, beside it (``sha256sum -c`` format): the manifest
@@ -42,10 +51,16 @@ EXPORT_FILES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class FileEntry:
-    """Size and sha256 of one file of a version."""
+    """Size and sha256 of one file of a version, and where its bytes live.
+
+    ``location`` is None for a file stored in the version's own folder, else
+    ``"<version>/<file name>"``: the same bytes, stored once, in an earlier version of the
+    same model (schema 3). It always names the version that stores the bytes itself.
+    """
 
     sha256: str
     size: int
+    location: str | None = None
 
     @classmethod
     def from_dict(cls, data: object) -> FileEntry:
@@ -56,7 +71,28 @@ class FileEntry:
             or isinstance(data.get("size"), bool)
         ):
             raise ValueError(f"malformed checksum entry {data!r}")
-        return cls(sha256=data["sha256"], size=data["size"])
+        location = data.get("location")
+        if location is not None and not (
+            isinstance(location, str) and _LOCATION_RE.fullmatch(location) and ".." not in location
+        ):
+            raise ValueError(f"malformed file location {location!r} (want '<version>/<file>')")
+        return cls(sha256=data["sha256"], size=data["size"], location=location)
+
+    def to_dict(self) -> dict[str, Any]:
+        # No "location": null for a file stored in place: schema-2 bytes stay schema-2 bytes.
+        out: dict[str, Any] = {"sha256": self.sha256, "size": self.size}
+        if self.location is not None:
+            out["location"] = self.location
+        return out
+
+    def same_bytes(self, other: FileEntry) -> bool:
+        """Whether ``other`` records the same content (wherever it is stored)."""
+        return (self.sha256, self.size) == (other.sha256, other.size)
+
+    @property
+    def stored_in(self) -> str | None:
+        """The version whose folder holds the bytes (None: this version's own)."""
+        return None if self.location is None else self.location.split("/", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -137,7 +173,7 @@ class Manifest(VersionSpec):
                 continue
             value = getattr(self, f.name)
             if f.name == "files":
-                value = {k: asdict(v) for k, v in value.items()}
+                value = {k: v.to_dict() for k, v in value.items()}
             elif f.name == "class_names":
                 value = list(value)
             elif hasattr(value, "__dataclass_fields__"):
@@ -193,6 +229,8 @@ class Manifest(VersionSpec):
             "dataset": dict(d.pop("dataset", None) or {}),
             "training": dict(d.pop("training", None) or {}),
         }
+        if schema < 3 and any(e.location for e in values["files"].values()):
+            raise ValueError(f"a file location needs schema_version 3, not {schema}")
         if values["parent"] is not None and not isinstance(values["parent"], str):
             raise ValueError("parent must be a string or null")
         if not isinstance(values["model"].config, dict):
@@ -211,8 +249,10 @@ class Manifest(VersionSpec):
         parent: str | None,
         files: dict[str, FileEntry],
     ) -> Manifest:
+        shares = any(entry.location is not None for entry in files.values())
         return cls(
             **{f.name: getattr(spec, f.name) for f in fields(VersionSpec)},
+            schema_version=SCHEMA_VERSION if shares else SCHEMA_WITHOUT_SHARED_FILES,
             name=name,
             version=version,
             created=created,

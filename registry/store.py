@@ -1,39 +1,44 @@
-"""File-based model registry: immutable, checksummed versions plus movable aliases.
+"""The model registry: immutable, checksummed versions plus movable aliases.
 
-Layout::
+Layout (the same keys in a local folder and in an object store)::
 
     <root>/<name>/<version>/manifest.json      typed manifest (registry.manifest) with the
                                                sha256/size of every published file
-    <root>/<name>/<version>/manifest.sha256    sha256 of manifest.json (checked on every load)
-    <root>/<name>/<version>/<published files>  never modified after publication
+    <root>/<name>/<version>/manifest.sha256    sha256 of manifest.json (checked on every load;
+                                               on an object store, also the commit mark)
+    <root>/<name>/<version>/<published files>  never modified after publication; a file whose
+                                               bytes an earlier version already holds is not
+                                               stored again: its manifest entry says where
+                                               (``"location": "1/weights.safetensors"``)
     <root>/<name>/<version>/exports.json       derived files (model.ts, model.onnx), rebuildable
     <root>/<name>/aliases.json                 {"aliases": {...}, "history": {...}}
     <root>/<name>/aliases.log                  every aliases.json written, one JSON per line
                                                (what `repair` restores a corrupt file from)
     <root>/<name>/deleted.json                 versions removed by `delete` (never reused)
 
-Errors name files relative to the root (``seednet/aliases.json``), never by absolute
-path: messages travel to HTTP clients. A failed write raises StorageError and leaves
-the registry as it was.
+``root`` is a folder (the default), ``file://PATH`` or ``s3://bucket/prefix``; the
+medium's own guarantees (commit point, lock, compare-and-swap) live in
+:mod:`registry.localfs` and :mod:`registry.objectstore`, the rules here.
 
-Standard library and ``filelock`` only, so training, the service and the CLI import it
-without pulling in torch or FastAPI.
+Errors name files relative to the root (``seednet/aliases.json``), never by absolute
+path or URL credentials: messages travel to HTTP clients. A failed write raises
+StorageError and leaves the registry as it was; an unreachable store raises
+StoreUnavailableError (a StorageError).
+
+Standard library and ``filelock`` only (fsspec for ``s3://`` roots, imported only then),
+so training, the service and the CLI import it without pulling in torch or FastAPI.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
-
-import filelock
+from pathlib import Path, PurePosixPath
 
 from registry.errors import (
     ConflictError,
@@ -44,20 +49,7 @@ from registry.errors import (
     RegistryError,
     StorageError,
 )
-from registry.files import (
-    OWNER_SUFFIX,
-    TMP_PREFIX,
-    OwnedTmpDir,
-    copy_hashed,
-    dump_json,
-    fsync_dir,
-    remove_dead_tmp,
-    sha256_bytes,
-    sha256_file,
-    tmp_entries,
-    tmp_name,
-    write_atomic,
-)
+from registry.files import TMP_PREFIX, dump_json, sha256_bytes
 from registry.manifest import (
     EXPORTS_FILE,
     MANIFEST_DIGEST_FILE,
@@ -67,6 +59,7 @@ from registry.manifest import (
     Manifest,
     VersionSpec,
 )
+from registry.storage import Storage, open_storage
 
 # Used with fullmatch(): a "$" anchor would let a trailing newline through.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -74,19 +67,25 @@ _VERSION_RE = re.compile(r"[0-9]{1,18}")  # ASCII only: str.isdigit() accepts "Â
 ALIASES = "aliases.json"
 ALIASES_LOG = "aliases.log"
 DELETED = "deleted.json"
-LOCK_NAME = ".lock"
 DEFAULT_ALIAS = "production"
-LOCK_TIMEOUT_SECONDS = 120.0
 _RESERVED_FILES = frozenset({MANIFEST_FILE, MANIFEST_DIGEST_FILE, EXPORTS_FILE})
+# A published file at least this large whose bytes an earlier version of the model already
+# holds is stored once (the manifest records where). Smaller files are copied: sharing
+# ties the versions together (the older cannot be deleted first), not worth a few bytes.
+SHARE_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
 class ModelVersion:
-    """One published version. ``manifest`` raises IntegrityError if it could not be read."""
+    """One published version. ``manifest`` raises IntegrityError if it could not be read.
+
+    ``path`` is the version's folder in a local registry; in an object store, its key
+    relative to the root (nothing on this machine: use ``Registry.open_verified``).
+    """
 
     name: str
     version: str
-    path: Path
+    path: Path | PurePosixPath
     # Excluded from eq/hash: the identity is name+version+path.
     _manifest: Manifest | None = field(compare=False, repr=False)
     problem: str | None = field(default=None, compare=False, repr=False)
@@ -106,10 +105,29 @@ class ModelVersion:
             raise IntegrityError(self.problem or f"{MANIFEST_FILE} of {self.ref} is unreadable")
         return self._manifest
 
-    def file(self, filename: str) -> Path:
-        """Path of a file in this version's folder (name validated, content not checked)."""
+    def file(self, filename: str) -> Path | PurePosixPath:
+        """Where a file of this version lives (name validated, content not checked): its
+        folder, or the earlier version's that holds the bytes of a shared file."""
         validate_name(filename, "file name")
+        entry = self._manifest.files.get(filename) if self._manifest is not None else None
+        if entry is not None and entry.location is not None:
+            return self.path.parent / entry.location
         return self.path / filename
+
+
+@dataclass(frozen=True)
+class AliasState:
+    """A model's aliases, their history and the token of that state.
+
+    ``token`` changes whenever aliases.json does (an object store's ETag, a local file's
+    sha256; ``""`` while there is none). Hand it back to :meth:`Registry.set_alias` to
+    move an alias only if nobody moved any meanwhile, or to
+    :meth:`Registry.alias_state_if_changed` to learn cheaply whether anything moved.
+    """
+
+    aliases: dict[str, str]
+    history: dict[str, list[str]]
+    token: str
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -146,13 +164,10 @@ def os_reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
-def read_json(path: Path, label: str | None = None, error: type[IntegrityError] = IntegrityError):
-    """Parse a JSON file; ``error`` naming ``label`` (default: folder/name) if it cannot."""
-    label = label or f"{path.parent.name}/{path.name}"
+def parse_json(raw: bytes, label: str, error: type[IntegrityError] = IntegrityError) -> object:
+    """Parse JSON bytes; ``error`` naming ``label`` if they are not JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise error(f"{label} is unreadable: {os_reason(e)}") from e
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{label} is not valid JSON: {e}") from e
 
@@ -227,31 +242,6 @@ def _code_revision() -> str:
         return "unknown"
 
 
-def check_entry(folder: Path, filename: str, entry: object) -> str | None:
-    """Return a problem (naming the file) or None if the file matches its entry."""
-    if isinstance(entry, dict):
-        try:
-            entry = FileEntry.from_dict(entry)
-        except ValueError:
-            return f"{filename}: malformed checksum entry"
-    if not isinstance(entry, FileEntry):
-        return f"{filename}: malformed checksum entry"
-    path = folder / filename
-    if path.is_symlink():
-        return f"{filename}: is a symbolic link"
-    if not path.is_file():
-        return f"{filename}: missing"
-    size = path.stat().st_size
-    if size != entry.size:
-        return f"{filename}: size mismatch (expected {entry.size} bytes, found {size})"
-    digest = sha256_file(path)
-    if digest != entry.sha256:
-        return (
-            f"{filename}: sha256 mismatch (expected {entry.sha256[:12]}..., found {digest[:12]}...)"
-        )
-    return None
-
-
 def split_ref(ref: str) -> tuple[str, str | None]:
     """``name[@version|@alias]`` -> (name, rest or None)."""
     name, sep, rest = ref.partition("@")
@@ -264,27 +254,38 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 
 class Registry:
-    """A model registry rooted at ``root`` (created lazily on first publish)."""
+    """A model registry rooted at ``root``: a folder (created lazily on first publish),
+    ``file://PATH`` or ``s3://bucket/prefix``.
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    ``cache_dir``: where files of a remote registry are verified before use (default
+    ``$SEEDNET_REGISTRY_CACHE`` or the user's cache folder). ``lock_lease_s``: how long
+    an object-store writer's lock outlives a writer that died (default 30 s).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        cache_dir: Path | str | None = None,
+        lock_lease_s: float | None = None,
+    ) -> None:
+        self.storage: Storage = open_storage(root, cache_dir=cache_dir, lock_lease_s=lock_lease_s)
+        self.root = self.storage.root
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
 
-    # -- paths and locking
-
-    def _model_dir(self, name: str) -> Path:
-        return self.root / validate_name(name, "model name")
+    # -- names, messages and locking
 
     def relative(self, path: Path | str) -> str:
         """``path`` as named in messages: relative to the root (never absolute)."""
         path = Path(path)
-        for base in (self.root, self.root.resolve()):
-            try:
-                return path.relative_to(base).as_posix()
-            except ValueError:
-                continue
+        if isinstance(self.root, Path):
+            for base in (self.root, self.root.resolve()):
+                try:
+                    return path.relative_to(base).as_posix()
+                except ValueError:
+                    continue
         return path.name
 
     @contextmanager
@@ -301,40 +302,33 @@ class Registry:
             raise StorageError(f"cannot write {what}: {os_reason(e)}{where}") from e
 
     @contextmanager
-    def _locked(self, name: str, create: bool = False) -> Iterator[Path]:
-        model_dir = self._model_dir(name)
-        with self._writing(f"the registry lock of {name!r}"):
-            if create:
-                model_dir.mkdir(parents=True, exist_ok=True)
-            elif not model_dir.is_dir():  # don't leave an empty folder behind for a typo
-                raise NotFoundError(self._unknown_model_message(name))
-            lock = filelock.FileLock(str(model_dir / LOCK_NAME), timeout=LOCK_TIMEOUT_SECONDS)
-            try:
-                lock.acquire()
-            except filelock.Timeout as e:
-                raise ConflictError(f"registry lock for {name!r} is busy; try again") from e
-        try:
-            yield model_dir
-        finally:
-            lock.release()
+    def _locked(self, name: str, create: bool = False) -> Iterator[None]:
+        validate_name(name, "model name")
+        with ExitStack() as stack:
+            with self._writing(f"the registry lock of {name!r}"):
+                # don't leave an empty folder behind for a typo
+                if not create and not self.storage.model_exists(name):
+                    raise NotFoundError(self._unknown_model_message(name))
+                stack.enter_context(self.storage.lock(name, create))
+            yield
+
+    def _alias_writing(self, name: str):
+        """What an alias move holds: the writers' lock (local), or nothing but its
+        compare-and-swap (object store: a promote never waits behind a publish)."""
+        return self._locked(name) if self.storage.alias_writes_locked else nullcontext()
 
     def _version_numbers(self, name: str) -> list[int]:
-        model_dir = self._model_dir(name)
-        if not model_dir.is_dir():
-            return []
-        # Only renamed-into-place folders count: they hold a manifest by construction.
-        return sorted(
-            int(p.name)
-            for p in model_dir.iterdir()
-            if is_version(p.name) and p.is_dir() and (p / MANIFEST_FILE).is_file()
-        )
+        return self.storage.version_numbers(validate_name(name, "model name"))
 
     def _deleted(self, name: str) -> list[str]:
-        path = self._model_dir(name) / DELETED
-        if not path.is_file():
-            return []
         where = f"{name}/{DELETED}"
-        data = read_json(path, where, MetadataError)
+        try:
+            raw = self.storage.read_optional(where)
+        except OSError as e:
+            raise MetadataError(f"{where} is unreadable: {os_reason(e)}") from e
+        if raw is None:
+            return []
+        data = parse_json(raw, where, MetadataError)
         deleted = data.get("deleted", []) if isinstance(data, dict) else None
         if not isinstance(deleted, list) or not all(is_version(str(v)) for v in deleted):
             raise MetadataError(f"{where} is not {{'deleted': [version numbers]}}")
@@ -345,20 +339,21 @@ class Registry:
 
         The bytes are read once, then hashed and parsed, so what is checked is what is used.
         """
-        folder = self._model_dir(name) / version
+        folder = f"{name}/{version}"
         ref = f"{name}@{version}"
         try:
-            raw = (folder / MANIFEST_FILE).read_bytes()
+            raw = self.storage.read(f"{folder}/{MANIFEST_FILE}")
         except OSError as e:
             raise IntegrityError(f"{MANIFEST_FILE} of {ref} is unreadable: {os_reason(e)}") from e
-        sealed = (folder / MANIFEST_DIGEST_FILE).is_file()
-        if sealed:
-            try:
-                recorded = parse_digest((folder / MANIFEST_DIGEST_FILE).read_bytes())
-            except OSError as e:
-                raise IntegrityError(
-                    f"{MANIFEST_DIGEST_FILE} of {ref} is unreadable: {os_reason(e)}"
-                ) from e
+        try:
+            digest_file = self.storage.read_optional(f"{folder}/{MANIFEST_DIGEST_FILE}")
+        except OSError as e:
+            raise IntegrityError(
+                f"{MANIFEST_DIGEST_FILE} of {ref} is unreadable: {os_reason(e)}"
+            ) from e
+        sealed = digest_file is not None
+        if digest_file is not None:
+            recorded = parse_digest(digest_file)
             if recorded is None:
                 raise IntegrityError(f"{MANIFEST_DIGEST_FILE} of {ref} is malformed")
             found = sha256_bytes(raw)
@@ -367,14 +362,11 @@ class Registry:
                     f"{MANIFEST_FILE} of {ref} was changed after publication: sha256 "
                     f"{found[:12]}..., {MANIFEST_DIGEST_FILE} records {recorded[:12]}..."
                 )
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise IntegrityError(f"{MANIFEST_FILE} of {ref} is not valid JSON: {e}") from e
+        data = parse_json(raw, f"{MANIFEST_FILE} of {ref}")
         return Manifest.from_dict(data, f"{MANIFEST_FILE} of {ref}"), sealed
 
     def _load(self, name: str, version: str, strict: bool = True) -> ModelVersion:
-        path = self._model_dir(name) / version
+        path = self.storage.version_path(name, version)
         try:
             manifest, sealed = self._read_manifest(name, version)
         except IntegrityError as e:
@@ -388,12 +380,10 @@ class Registry:
 
     def names(self) -> list[str]:
         """Model names with at least one version, sorted."""
-        if not self.root.is_dir():
-            return []
         return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if _valid_name(p.name) and p.is_dir() and self._version_numbers(p.name)
+            n
+            for n in self.storage.list_names("")
+            if _valid_name(n) and self.storage.version_numbers(n)
         )
 
     def versions(self, name: str) -> list[ModelVersion]:
@@ -405,49 +395,96 @@ class Registry:
 
     def aliases(self, name: str) -> dict[str, str]:
         """Current alias -> version mapping of ``name`` ({} if none)."""
-        return self._read_aliases(name)[0]
+        return self.alias_state(name).aliases
 
     def alias_history(self, name: str) -> dict[str, list[str]]:
         """Every target each alias has had, oldest first; the last item is current."""
-        return self._read_aliases(name)[1]
+        return self.alias_state(name).history
 
     def aliases_of(self, mv: ModelVersion) -> list[str]:
         """The aliases that point at ``mv`` now, sorted."""
         return sorted(a for a, v in self.aliases(mv.name).items() if v == mv.version)
 
-    def _read_aliases(self, name: str) -> tuple[dict[str, str], dict[str, list[str]]]:
-        path = self._model_dir(name) / ALIASES
-        if not path.exists():
-            return {}, {}
+    def alias_state(self, name: str) -> AliasState:
+        """Aliases, history and the token of aliases.json (see :class:`AliasState`)."""
+        key = f"{validate_name(name, 'model name')}/{ALIASES}"
+        try:
+            raw, token = self.storage.read_state(key)
+        except OSError as e:
+            raise self._corrupt_aliases(name, f"{key} is unreadable: {os_reason(e)}") from e
+        return self._parse_alias_state(name, raw, token)
+
+    def alias_state_if_changed(self, name: str, token: str) -> AliasState | None:
+        """The alias state, or None when ``token`` is still current.
+
+        What a server following an alias polls: on an object store, one conditional GET
+        (``If-None-Match``) that downloads nothing while the aliases are unchanged.
+        """
+        key = f"{validate_name(name, 'model name')}/{ALIASES}"
+        try:
+            changed = self.storage.read_state_if_changed(key, token)
+        except OSError as e:
+            raise self._corrupt_aliases(name, f"{key} is unreadable: {os_reason(e)}") from e
+        return None if changed is None else self._parse_alias_state(name, *changed)
+
+    def _corrupt_aliases(self, name: str, problem: str) -> MetadataError:
+        return MetadataError(
+            f"{problem}; the versions are unaffected: run `python -m service.registry_cli "
+            f"repair {name}` to restore it"
+        )
+
+    def _parse_alias_state(self, name: str, raw: bytes | None, token: str) -> AliasState:
+        if raw is None:
+            return AliasState({}, {}, token)
         where = f"{name}/{ALIASES}"
         try:
-            return parse_aliases(read_json(path, where, MetadataError), where)
+            current, history = parse_aliases(parse_json(raw, where, MetadataError), where)
         except MetadataError as e:
-            raise MetadataError(
-                f"{e}; the versions are unaffected: run `python -m service.registry "
-                f"repair {name}` to restore it"
-            ) from e
+            raise self._corrupt_aliases(name, str(e)) from e
+        return AliasState(current, history, token)
 
     def _write_aliases(
-        self, name: str, current: dict[str, str], history: dict[str, list[str]]
-    ) -> None:
-        """Replace aliases.json (the commit point), then journal it in aliases.log."""
-        model_dir = self._model_dir(name)
+        self, name: str, current: dict[str, str], history: dict[str, list[str]], expected: str
+    ) -> str:
+        """Replace aliases.json if its token is still ``expected`` (the commit point), then
+        journal it in aliases.log; the new token."""
         state = {"aliases": current, "history": history}
         with self._writing(f"{name}/{ALIASES}"):
-            write_atomic(model_dir / ALIASES, dump_json(state))
+            token = self.storage.write_state(f"{name}/{ALIASES}", dump_json(state), expected)
         # The journal is what `repair` restores from. It is written after the commit
         # point: failing here must not report an alias change that did happen as failed.
         line = json.dumps(
             {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state}
         )
+        with suppress(OSError, RegistryError):
+            self.storage.append_line(f"{name}/{ALIASES_LOG}", line)
+        return token
+
+    def _move_aliases(
+        self,
+        name: str,
+        before: AliasState,
+        current: dict[str, str],
+        history: dict[str, list[str]],
+        target: str,
+        doing: str,
+    ) -> None:
+        """Write the new alias state over ``before`` (compare-and-swap), or ConflictError."""
         try:
-            with open(model_dir / ALIASES_LOG, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError:
-            pass
+            token = self._write_aliases(name, current, history, before.token)
+        except ConflictError as e:
+            raise ConflictError(
+                f"the aliases of {name!r} moved while {doing} (another promote or rollback "
+                f"won the race); nothing was changed: check `list` and try again"
+            ) from e
+        if self.storage.alias_writes_locked or int(target) in self._version_numbers(name):
+            return
+        # Without a lock, a delete may have hidden the target meanwhile (it checks the
+        # aliases after hiding, this checks the version after writing: one of the two
+        # sees the other). Put the aliases back as they were.
+        with suppress(ConflictError):  # someone moved them again already: theirs stands
+            self._write_aliases(name, before.aliases, before.history, token)
+        raise ConflictError(f"{name}@{target} was deleted while {doing}; aliases left as they were")
 
     # -- resolution
 
@@ -507,6 +544,7 @@ class Registry:
         spec: VersionSpec,
         parent: str | None = None,
         force: bool = False,
+        share: bool = True,
     ) -> ModelVersion:
         """Publish ``files`` (path or bytes per file name) as the next version of ``name``.
 
@@ -517,10 +555,13 @@ class Registry:
         Idempotent: when a version of ``name`` already holds the same weights (sha256 of
         ``weights.safetensors``), that version is returned with ``existing=True`` and
         nothing is written, so a retried publish never makes a duplicate; ``force``
-        publishes a new version anyway. Temp folders of dead publishers are removed here.
+        publishes a new version anyway. A file of ``SHARE_MIN_BYTES`` or more whose bytes
+        an earlier version holds (and that verify there now) is not stored again: the
+        manifest records its location (``share=False`` stores a copy). Debris of dead
+        writers is removed here.
         """
         # Validate everything before touching the disk: a refused publish leaves no trace.
-        model_dir = self._model_dir(name)
+        validate_name(name, "model name")
         for filename, src in files.items():
             validate_name(filename, "file name")
             if filename in _RESERVED_FILES:
@@ -534,21 +575,20 @@ class Registry:
         revision = _code_revision()
 
         with self._writing(f"a new version of {name!r}"):
-            model_dir.mkdir(parents=True, exist_ok=True)
-            owned = OwnedTmpDir(model_dir, "publish")
-        tmp = owned.path
+            staging = self.storage.stage(name)
         try:
             # The slow part (copy + hash) runs outside the lock so publishes overlap.
             with self._writing(f"a new version of {name!r}"):
-                checksums = {
-                    fn: FileEntry.from_dict(copy_hashed(src, tmp / fn)) for fn, src in files.items()
-                }
+                checksums = {fn: staging.add(fn, src) for fn, src in files.items()}
             with self._locked(name, create=True), self._writing(f"a new version of {name!r}"):
-                remove_dead_tmp(model_dir)
+                self.storage.remove_debris(name)
                 same = None if force else self._same_weights(name, checksums.get(WEIGHTS_FILE))
                 if same is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
                     return replace(same, existing=True)
+                entries = self._share(name, checksums) if share else dict(checksums)
+                for filename, entry in entries.items():
+                    if entry.location is not None:
+                        staging.drop(filename)
                 used = self._version_numbers(name) + [
                     int(v) for v in self._deleted(name) if is_version(v)
                 ]
@@ -563,27 +603,13 @@ class Registry:
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     code_revision=revision,
                     parent=parent,
-                    files=checksums,
+                    files=entries,
                 )
                 manifest_bytes = dump_json(manifest.to_dict())
-                for filename, data in (
-                    (MANIFEST_FILE, manifest_bytes),
-                    (MANIFEST_DIGEST_FILE, digest_text(manifest_bytes)),
-                ):
-                    with open(tmp / filename, "xb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                fsync_dir(tmp)
-                final = model_dir / version
-                os.rename(tmp, final)  # the commit point: atomic on POSIX
-                fsync_dir(model_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                staging.commit(name, version, manifest_bytes, digest_text(manifest_bytes))
         finally:
-            owned.release()
-        return ModelVersion(name, version, final, manifest)
+            staging.release()
+        return ModelVersion(name, version, self.storage.version_path(name, version), manifest)
 
     def _same_weights(self, name: str, weights: FileEntry | None) -> ModelVersion | None:
         """The newest readable version of ``name`` whose weights are ``weights``, if any."""
@@ -591,34 +617,73 @@ class Registry:
             return None
         for n in reversed(self._version_numbers(name)):
             mv = self._load(name, str(n), strict=False)
-            if mv.problem is None and mv.manifest.files.get(WEIGHTS_FILE) == weights:
+            recorded = mv.manifest.files.get(WEIGHTS_FILE) if mv.problem is None else None
+            if recorded is not None and recorded.same_bytes(weights):
                 return mv
         return None
 
+    def _share(self, name: str, checksums: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        """``checksums`` with a location for each large file an earlier version holds."""
+        entries = dict(checksums)
+        wanted = {fn: e for fn, e in checksums.items() if e.size >= SHARE_MIN_BYTES}
+        if not wanted:
+            return entries
+        stored: dict[tuple[str, int], str] = {}  # content -> "<version>/<file>" holding it
+        for n in reversed(self._version_numbers(name)):
+            mv = self._load(name, str(n), strict=False)
+            if mv.problem is None:
+                for fn, e in mv.manifest.files.items():
+                    stored.setdefault((e.sha256, e.size), e.location or f"{n}/{fn}")
+        for fn, entry in wanted.items():
+            location = stored.get((entry.sha256, entry.size))
+            # Only bytes that verify where they are now: never tie a version to damage.
+            if location is not None and self.storage.check(f"{name}/{location}", entry) is None:
+                entries[fn] = replace(entry, location=location)
+        return entries
+
     # -- aliases
 
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        """Point ``alias`` at an existing ``version`` (recorded in the alias history)."""
+    def set_alias(
+        self, name: str, alias: str, version: str, expected_token: str | None = None
+    ) -> None:
+        """Point ``alias`` at an existing ``version`` (recorded in the alias history).
+
+        A compare-and-swap of aliases.json: ConflictError, and nothing written, if another
+        writer moved any alias of ``name`` since this call read them, or since the state
+        whose ``token`` is ``expected_token`` (see :meth:`alias_state`).
+        """
         _check_alias(alias)
         if not is_version(str(version)):
             raise InvalidNameError(f"version must be a number, got {version!r}")
-        with self._locked(name):
+        with self._alias_writing(name):
             target = self._resolve_version(name, str(version))
-            current, history = self._read_aliases(name)
-            if current.get(alias) == target:
+            before = self.alias_state(name)
+            self._check_expected(name, before, expected_token)
+            if before.aliases.get(alias) == target:
                 return  # re-promoting the current target must not add a rollback step
-            current[alias] = target
+            current = {**before.aliases, alias: target}
+            history = {a: list(v) for a, v in before.history.items()}
             history.setdefault(alias, []).append(target)
-            self._write_aliases(name, current, history)
+            self._move_aliases(name, before, current, history, target, f"promoting {alias!r}")
 
-    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> str:
+    def _check_expected(self, name: str, state: AliasState, expected: str | None) -> None:
+        if expected is not None and expected != state.token:
+            raise ConflictError(
+                f"the aliases of {name!r} changed since they were read (another promote or "
+                "rollback); nothing was changed: read them again and retry"
+            )
+
+    def rollback(
+        self, name: str, alias: str = DEFAULT_ALIAS, expected_token: str | None = None
+    ) -> str:
         """Point ``alias`` back to its previous target; returns that version."""
         _check_alias(alias)
-        with self._locked(name):
-            current, history = self._read_aliases(name)
-            if alias not in current:
+        with self._alias_writing(name):
+            before = self.alias_state(name)
+            self._check_expected(name, before, expected_token)
+            if alias not in before.aliases:
                 raise NotFoundError(f"alias {alias!r} of {name!r} is not set")
-            targets = history.get(alias, [])
+            targets = before.history.get(alias, [])
             if len(targets) < 2:
                 raise ConflictError(
                     f"alias {alias!r} of {name!r} has no previous target to roll back to"
@@ -628,15 +693,16 @@ class Registry:
                 raise ConflictError(
                     f"previous target of {alias!r} ({name}@{previous}) no longer exists"
                 )
+            history = {a: list(v) for a, v in before.history.items()}
             history[alias] = targets[:-1]
-            current[alias] = previous
-            self._write_aliases(name, current, history)
+            current = {**before.aliases, alias: previous}
+            self._move_aliases(name, before, current, history, previous, f"rolling back {alias!r}")
             return previous
 
     # -- integrity
 
     def verify(self, ref_or_version: str | ModelVersion) -> list[str]:
-        """Problems found in one version (empty list = OK); re-reads everything from disk."""
+        """Problems found in one version (empty list = OK); re-reads everything from storage."""
         if isinstance(ref_or_version, ModelVersion):
             name, version = ref_or_version.name, ref_or_version.version
         else:
@@ -652,8 +718,37 @@ class Registry:
             for n in self._version_numbers(name)
         }
 
+    def _check_file(self, name: str, version: str, filename: str, entry: FileEntry) -> str | None:
+        """A problem naming ``filename`` (and where a shared file lives), or None."""
+        if entry.location is None:
+            problem = self.storage.check(f"{name}/{version}/{filename}", entry)
+            return f"{filename}: {problem}" if problem else None
+        owner = entry.stored_in
+        where = f"{filename} (stored once, in {name}@{owner})"
+        if owner is None or int(owner) not in self._version_numbers(name):
+            return f"{where}: missing: {name}@{owner} does not exist"
+        problem = self.storage.check(f"{name}/{entry.location}", entry)
+        return f"{where}: {problem}" if problem else None
+
+    def check_file(self, mv: ModelVersion, filename: str) -> str | None:
+        """What is wrong with one published or derived file of ``mv`` (None: it verifies)."""
+        entry = self._entry(mv, filename)
+        return self._check_file(mv.name, mv.version, filename, entry)
+
+    def _entry(self, mv: ModelVersion, filename: str) -> FileEntry:
+        validate_name(filename, "file name")
+        entry = mv.manifest.files.get(filename)
+        if entry is not None:
+            return entry
+        raw = self.derived(mv).get("files", {}).get(filename)
+        if raw is None:
+            raise NotFoundError(f"{filename} is not part of {mv.ref}")
+        try:  # derived files are per version: always in its own folder
+            return replace(FileEntry.from_dict(raw), location=None)
+        except ValueError as e:
+            raise IntegrityError(f"{mv.ref}: {filename}: malformed checksum entry") from e
+
     def _verify_dir(self, name: str, version: str) -> list[str]:
-        folder = self._model_dir(name) / version
         problems: list[str] = []
         try:
             manifest, _ = self._read_manifest(name, version)
@@ -661,81 +756,86 @@ class Registry:
             return [f"{MANIFEST_FILE}: unreadable, invalid or altered ({e})"]
         if manifest.name != name or manifest.version != version:
             problems.append(f"{MANIFEST_FILE}: says {manifest.ref}, but lives in {name}/{version}")
-        expected = {MANIFEST_FILE, MANIFEST_DIGEST_FILE} | set(manifest.files)
+        expected = {MANIFEST_FILE, MANIFEST_DIGEST_FILE}
         for filename, entry in manifest.files.items():
-            problem = check_entry(folder, filename, entry)
+            if entry.location is None:
+                expected.add(filename)
+            problem = self._check_file(name, version, filename, entry)
             if problem:
                 problems.append(problem)
-        if (folder / EXPORTS_FILE).exists():
+        try:
+            raw = self.storage.read_optional(f"{name}/{version}/{EXPORTS_FILE}")
+        except OSError as e:
+            raw = None
+            problems.append(f"{EXPORTS_FILE}: unreadable ({os_reason(e)})")
+            expected.add(EXPORTS_FILE)
+        if raw is not None:
             expected.add(EXPORTS_FILE)
             try:
-                derived = read_json(folder / EXPORTS_FILE, EXPORTS_FILE)
+                derived = parse_json(raw, EXPORTS_FILE)
                 if not isinstance(derived, dict) or not isinstance(derived.get("files", {}), dict):
                     raise IntegrityError("not an object with a files table")
-                for filename, entry in derived.get("files", {}).items():
+                for filename, raw_entry in derived.get("files", {}).items():
                     expected.add(filename)
-                    problem = check_entry(folder, filename, entry)
+                    try:
+                        entry = replace(FileEntry.from_dict(raw_entry), location=None)
+                    except ValueError:
+                        problems.append(f"{filename}: malformed checksum entry")
+                        continue
+                    problem = self._check_file(name, version, filename, entry)
                     if problem:
                         problems.append(problem)
             except IntegrityError as e:
                 problems.append(f"{EXPORTS_FILE}: unreadable ({e})")
-        for p in sorted(folder.iterdir()):
+        for filename in sorted(self.storage.version_files(name, version)):
             # Temp files are half-written derived files of a crashed writer: never served
             # (check_model reports them).
-            if p.name not in expected and not p.name.startswith(TMP_PREFIX):
-                problems.append(f"{p.name}: unexpected file (not in manifest or exports)")
+            if filename not in expected and not filename.startswith(TMP_PREFIX):
+                problems.append(f"{filename}: unexpected file (not in manifest or exports)")
         return problems
 
     def warnings(self, mv: ModelVersion) -> list[str]:
         """What is not wrong with ``mv`` but weaker than it should be."""
-        if (mv.path / MANIFEST_DIGEST_FILE).exists():
+        if self.storage.exists(f"{mv.name}/{mv.version}/{MANIFEST_DIGEST_FILE}"):
             return []
         return [
             f"{MANIFEST_DIGEST_FILE}: missing, so changes to {MANIFEST_FILE} go unnoticed "
             f"(published before manifests had a digest); after checking the version, run "
-            f"`python -m service.registry seal {mv.ref}`"
+            f"`python -m service.registry_cli seal {mv.ref}`"
         ]
 
     def check_model(self, name: str) -> tuple[list[str], list[str]]:
         """(problems, warnings) of a model's own files: aliases.json, deleted.json, temp.
 
         Problems: an unreadable or malformed aliases.json / deleted.json, an alias whose
-        target does not exist. Warnings: temp folders of dead writers (removed by the next
-        publish or by ``repair``) and of writers still at work.
+        target does not exist. Warnings: leftovers of dead writers (temp folders and files,
+        a version never committed; removed by the next publish or ``repair``) and of
+        writers still at work.
         """
-        model_dir = self._model_dir(name)
         problems: list[str] = []
         warnings: list[str] = []
         existing = {str(n) for n in self._version_numbers(name)}
         try:
-            current, _ = self._read_aliases(name)
-            for alias, target in sorted(current.items()):
+            for alias, target in sorted(self.aliases(name).items()):
                 if target not in existing:
                     problems.append(
                         f"{ALIASES}: alias {alias!r} points at version {target}, which does "
-                        f"not exist; run `python -m service.registry repair {name}`"
+                        f"not exist; run `python -m service.registry_cli repair {name}`"
                     )
         except MetadataError as e:
             problems.append(str(e))
         try:
             self._deleted(name)
         except MetadataError as e:
-            problems.append(f"{e}; run `python -m service.registry repair {name}`")
-        folders = [model_dir] + [model_dir / n for n in sorted(existing, key=int)]
-        for folder in folders:
-            entries = tmp_entries(folder)
-            folders_named = {p.name for p, _ in entries}
-            for p, alive in entries:
-                if p.name.removesuffix(OWNER_SUFFIX) in folders_named - {p.name}:
-                    continue  # the lock file of a folder listed already
-                where = self.relative(p)
-                if alive:
-                    warnings.append(f"{where}: temporary, in use by a running writer")
-                else:
-                    warnings.append(
-                        f"{where}: stray temporary {'folder' if p.is_dir() else 'file'} of a "
-                        "writer that died; removed by the next publish or `repair`"
-                    )
+            problems.append(f"{e}; run `python -m service.registry_cli repair {name}`")
+        for d in self.storage.debris(name):
+            if d.alive:
+                warnings.append(f"{d.where}: temporary, in use by a running writer")
+            else:
+                warnings.append(
+                    f"{d.where}: stray temporary {d.what} of a writer that died; removed by "
+                    "the next publish or `repair`"
+                )
         return problems, warnings
 
     def seal(self, mv: ModelVersion) -> bool:
@@ -744,16 +844,16 @@ class Registry:
         Refused (IntegrityError) unless every file matches the manifest: sealing records
         the manifest as it is, so check it first (``show``, ``verify``).
         """
-        with self._locked(mv.name) as model_dir:
-            folder = model_dir / mv.version
-            if (folder / MANIFEST_DIGEST_FILE).exists():
+        folder = f"{mv.name}/{mv.version}"
+        with self._locked(mv.name):
+            if self.storage.exists(f"{folder}/{MANIFEST_DIGEST_FILE}"):
                 return False
             problems = self._verify_dir(mv.name, mv.version)
             if problems:
                 raise IntegrityError(f"{mv.ref} does not verify, not sealed: {problems[0]}")
-            with self._writing(f"{mv.name}/{mv.version}/{MANIFEST_DIGEST_FILE}"):
-                raw = (folder / MANIFEST_FILE).read_bytes()
-                write_atomic(folder / MANIFEST_DIGEST_FILE, digest_text(raw))
+            with self._writing(f"{folder}/{MANIFEST_DIGEST_FILE}"):
+                raw = self.storage.read(f"{folder}/{MANIFEST_FILE}")
+                self.storage.write(f"{folder}/{MANIFEST_DIGEST_FILE}", digest_text(raw))
             return True
 
     def repair(self, name: str, reset: bool = False) -> list[str]:
@@ -761,18 +861,22 @@ class Registry:
 
         aliases.json comes back from the newest entry of aliases.log whose targets all
         exist (``reset``: empty, no aliases). A corrupt file is kept beside as
-        ``<file>.corrupt`` for inspection. Dead writers' temp folders are removed.
+        ``<file>.corrupt`` for inspection. Leftovers of dead writers (temp folders, derived
+        files half written, versions never committed) are removed.
         """
         done: list[str] = []
-        with self._locked(name) as model_dir, self._writing(f"the registry files of {name!r}"):
-            done += [f"removed {self.relative(model_dir / n)}" for n in remove_dead_tmp(model_dir)]
+        aliases_key, deleted_key = f"{name}/{ALIASES}", f"{name}/{DELETED}"
+        with self._locked(name), self._writing(f"the registry files of {name!r}"):
+            done += [f"removed {where}" for where in self.storage.remove_debris(name)]
             existing = {str(n) for n in self._version_numbers(name)}
             aliases_ok = True
             try:
-                current, _ = self._read_aliases(name)
-                aliases_ok = all(v in existing for v in current.values())
+                state = self.alias_state(name)
+                token = state.token
+                aliases_ok = all(v in existing for v in state.aliases.values())
             except MetadataError:
                 aliases_ok = False
+                token = self.storage.read_state(aliases_key)[1]
             if reset or not aliases_ok:
                 restored = None if reset else self._from_alias_log(name, existing)
                 if restored is None and not reset:
@@ -780,10 +884,10 @@ class Registry:
                         f"{name}/{ALIASES} is corrupt and {name}/{ALIASES_LOG} holds no usable "
                         f"entry; `repair {name} --reset` empties it (then promote a version)"
                     )
-                if (model_dir / ALIASES).exists():
-                    os.replace(model_dir / ALIASES, model_dir / (ALIASES + ".corrupt"))
+                if self.storage.exists(aliases_key):
+                    self.storage.copy(aliases_key, aliases_key + ".corrupt")
                 current, history = restored or ({}, {})
-                self._write_aliases(name, current, history)
+                self._write_aliases(name, current, history, token)
                 listed = ", ".join(f"{a} -> {v}" for a, v in sorted(current.items()))
                 source = f"from {ALIASES_LOG}" if restored else "reset"
                 done.append(f"{name}/{ALIASES} {source}: {listed or 'no aliases'}")
@@ -795,22 +899,19 @@ class Registry:
                 known = existing | {v for vs in self._alias_log_targets(name) for v in vs}
                 top = max((int(v) for v in known), default=0)
                 gaps = [str(n) for n in range(1, top + 1) if str(n) not in existing]
-                os.replace(model_dir / DELETED, model_dir / (DELETED + ".corrupt"))
-                write_atomic(model_dir / DELETED, dump_json({"deleted": gaps}))
+                self.storage.copy(deleted_key, deleted_key + ".corrupt")
+                self.storage.write(deleted_key, dump_json({"deleted": gaps}))
                 done.append(f"{name}/{DELETED} rebuilt: {', '.join(gaps) or 'none'} deleted")
         return done
 
     def _alias_log(self, name: str) -> list[tuple[dict[str, str], dict[str, list[str]]]]:
         """Every valid state in aliases.log, oldest first (broken lines skipped)."""
-        path = self._model_dir(name) / ALIASES_LOG
         try:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
+            raw = self.storage.read_optional(f"{name}/{ALIASES_LOG}")
         except OSError as e:
             raise MetadataError(f"{name}/{ALIASES_LOG} is unreadable: {os_reason(e)}") from e
         states = []
-        for line in lines:
+        for line in (raw or b"").decode("utf-8", errors="replace").splitlines():
             try:
                 states.append(parse_aliases(json.loads(line), ALIASES_LOG))
             except (json.JSONDecodeError, MetadataError):
@@ -829,28 +930,48 @@ class Registry:
         return None
 
     def open_verified(self, mv: ModelVersion, filename: str) -> Path:
-        """Path of ``filename`` after checking its size and sha256; IntegrityError otherwise."""
-        validate_name(filename, "file name")
-        entry: object = mv.manifest.files.get(filename)
-        if entry is None:
-            entry = self.derived(mv).get("files", {}).get(filename)
-        if entry is None:
-            raise NotFoundError(f"{filename} is not part of {mv.ref}")
-        problem = check_entry(mv.path, filename, entry)
-        if problem:
-            raise IntegrityError(f"{mv.ref}: {problem}")
-        return mv.path / filename
+        """A local path of ``filename`` whose size and sha256 were checked just now.
+
+        A local registry checks the file in place; a remote one downloads it into the
+        local cache and checks it there first. IntegrityError naming the file otherwise:
+        a corrupt file is never handed out.
+        """
+        entry = self._entry(mv, filename)
+        key = (
+            f"{mv.name}/{entry.location}"
+            if entry.location is not None
+            else f"{mv.name}/{mv.version}/{filename}"
+        )
+        try:
+            return self.storage.local_file(key, entry, filename)
+        except IntegrityError as e:
+            where = f" (stored once, in {mv.name}@{entry.stored_in})" if entry.location else ""
+            raise IntegrityError(f"{mv.ref}: {filename}{where}: {e}") from None
+
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        """A private local folder to build files for ``name`` in (exports before they are
+        registered, a golden set before it is published); removed on exit, and by the next
+        publish or ``repair`` if this process dies first. It lives in the registry's own
+        temp area (the model's folder; for a remote registry, the local cache)."""
+        validate_name(name, "model name")
+        with self._writing(f"a scratch folder of {name!r}"), self.storage.scratch(name) as path:
+            yield path
 
     # -- derived files
 
     def derived(self, mv: ModelVersion) -> dict:
         """Contents of exports.json ({} if nothing has been derived yet)."""
-        path = self._model_dir(mv.name) / mv.version / EXPORTS_FILE
-        if not path.is_file():
+        label = f"{EXPORTS_FILE} of {mv.ref}"
+        try:
+            raw = self.storage.read_optional(f"{mv.name}/{mv.version}/{EXPORTS_FILE}")
+        except OSError as e:
+            raise IntegrityError(f"{label} is unreadable: {os_reason(e)}") from e
+        if raw is None:
             return {}
-        data = read_json(path, f"{EXPORTS_FILE} of {mv.ref}")
+        data = parse_json(raw, label)
         if not isinstance(data, dict):
-            raise IntegrityError(f"{EXPORTS_FILE} of {mv.ref} is not a JSON object")
+            raise IntegrityError(f"{label} is not a JSON object")
         return data
 
     def add_derived(self, mv: ModelVersion, files: Mapping[str, Path | bytes], info: dict) -> None:
@@ -868,39 +989,63 @@ class Registry:
                 )
         json.dumps(info)
         with self._locked(mv.name), self._writing(f"the exports of {mv.ref}"):
-            folder = self._model_dir(mv.name) / self._resolve_version(mv.name, mv.version)
-            remove_dead_tmp(folder)
+            folder = f"{mv.name}/{self._resolve_version(mv.name, mv.version)}"
+            self.storage.remove_debris(mv.name)
             exports = self.derived(mv)
             recorded = dict(exports.get("files", {}))
             for filename, src in files.items():
-                tmp = folder / tmp_name(filename)
-                try:
-                    recorded[filename] = copy_hashed(src, tmp)
-                    os.replace(tmp, folder / filename)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-            fsync_dir(folder)
-            write_atomic(folder / EXPORTS_FILE, dump_json({**exports, **info, "files": recorded}))
+                recorded[filename] = self.storage.replace_file(
+                    f"{folder}/{filename}", src
+                ).to_dict()
+            self.storage.write(
+                f"{folder}/{EXPORTS_FILE}", dump_json({**exports, **info, "files": recorded})
+            )
 
     # -- deletion
 
     def delete(self, name: str, version: str) -> None:
-        """Remove an unaliased version; its number is never reused."""
+        """Remove an unaliased version whose files no other version shares; its number is
+        never reused."""
         if not is_version(str(version)):
             raise InvalidNameError(f"delete takes a version number, got {version!r}")
-        with self._locked(name) as model_dir, self._writing(f"{name}/{DELETED}"):
+        with self._locked(name), self._writing(f"{name}/{DELETED}"):
             version = self._resolve_version(name, str(version))
-            pointing = sorted(a for a, v in self.aliases(name).items() if v == version)
+            pointing = self._aliases_pointing(name, version)
             if pointing:
                 raise ConflictError(
                     f"{name}@{version} is the target of alias(es) {', '.join(pointing)}; "
                     "promote another version first"
                 )
+            self._refuse_if_shared(name, version)
             deleted = self._deleted(name)
-            write_atomic(model_dir / DELETED, dump_json({"deleted": [*deleted, version]}))
-            # Rename first so the version vanishes atomically even if rmtree is interrupted.
-            doomed = model_dir / tmp_name(f"deleted-{version}")
-            os.rename(model_dir / version, doomed)
-            fsync_dir(model_dir)
-            shutil.rmtree(doomed, ignore_errors=True)
+            self.storage.write(f"{name}/{DELETED}", dump_json({"deleted": [*deleted, version]}))
+            unused = self.storage.remove_version(
+                name, version, lambda: not self._aliases_pointing(name, version)
+            )
+            if not unused:
+                self.storage.write(f"{name}/{DELETED}", dump_json({"deleted": deleted}))
+                raise ConflictError(
+                    f"{name}@{version} became the target of an alias while being deleted; "
+                    "it is kept"
+                )
+
+    def _aliases_pointing(self, name: str, version: str) -> list[str]:
+        return sorted(a for a, v in self.aliases(name).items() if v == version)
+
+    def _refuse_if_shared(self, name: str, version: str) -> None:
+        """ConflictError if another version reads files stored in ``name@version``."""
+        for n in self._version_numbers(name):
+            if str(n) == version:
+                continue
+            other = self._load(name, str(n), strict=False)
+            if other.problem is not None:
+                raise ConflictError(
+                    f"cannot tell whether {other.ref} shares files of {name}@{version}: "
+                    f"{other.problem}; run verify, then repair or delete {other.ref} first"
+                )
+            shared = sorted(fn for fn, e in other.manifest.files.items() if e.stored_in == version)
+            if shared:
+                raise ConflictError(
+                    f"{name}@{version} stores {', '.join(shared)} for {other.ref} (stored "
+                    f"once, shared); delete {other.ref} first, or keep {name}@{version}"
+                )

@@ -292,8 +292,10 @@ def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
         raise ExportError(
             f"{mv.ref}: the weights do not reproduce the recorded outputs (max abs diff {drift})"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        report = export_and_check(model, golden["images"], Path(tmp))
+    # Built in the registry's own temp area: a process killed here leaves its scratch
+    # where the next publish or `repair` removes it, not in the system temp folder.
+    with registry.scratch(mv.name) as tmp:
+        report = export_and_check(model, golden["images"], tmp)
         registry.add_derived(mv, report.files, report.to_info())
         report.files = {name: mv.path / name for name in report.files}
     report.notes.append(

@@ -123,7 +123,7 @@ def quantize_onnx(src: Path, dest: Path, calibration: np.ndarray) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     _check_images(calibration, "calibration")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=Path(dest).parent) as tmp:  # beside dest
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph fusions first, as ONNX Runtime's docs recommend.
         quant_pre_process(str(src), str(prepared))
@@ -195,8 +195,8 @@ def quantize_version(
     fp32_path = registry.open_verified(mv, EXPORT_FILES["onnx"])
     golden = load_file(str(registry.open_verified(mv, GOLDEN_FILE)))
     labels = np.asarray(test_labels)
-    with tempfile.TemporaryDirectory() as tmp:
-        int8_path = Path(tmp) / INT8_FILE
+    with registry.scratch(mv.name) as tmp:  # the registry's temp area: cleaned if killed
+        int8_path = tmp / INT8_FILE
         quantize_onnx(fp32_path, int8_path, calibration)
         int8 = ort_session(int8_path, "cpu", threads)
         fp32 = ort_session(fp32_path, "cpu", threads)

@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         env_prefix="SEEDNET_", protected_namespaces=(), extra="ignore", frozen=True
     )
 
-    registry_root: Path = Field(Path("models"), description="registry folder")
+    registry_root: str | Path = Field(
+        "models",
+        description="registry: a folder, file://PATH or s3://BUCKET/PREFIX (credentials "
+        "from the environment / AWS config)",
+    )
     model_name: str = Field("seednet", description="registry model name to serve")
     model_ref: str = Field("production", description="alias or version number to serve")
     backend: Literal[

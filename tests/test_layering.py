@@ -4,7 +4,8 @@
              ├─> seednet (core) ──┴─> registry
              └────────────────────────>
 
-- ``registry``: standard library and ``filelock`` only (no torch, no FastAPI);
+- ``registry``: standard library and ``filelock`` only (no torch, no FastAPI), plus
+  ``fsspec`` for ``s3://`` roots, imported lazily so a local registry never loads it;
 - ``seednet`` (core): never FastAPI/Starlette/uvicorn, never ``training`` or ``service``;
 - ``training`` never imports ``service``; ``service`` never imports ``training``.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +41,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "service": {"training"},
 }
 # The registry is a whitelist: whatever is not stdlib, filelock or itself is a violation.
-REGISTRY_ALLOWED = set(sys.stdlib_module_names) | {"filelock", "registry", "__future__"}
+# fsspec (with s3fs behind it) reaches object stores; only registry/objectstore.py uses it,
+# inside functions (test below).
+REGISTRY_ALLOWED = set(sys.stdlib_module_names) | {"filelock", "registry", "__future__", "fsspec"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -168,3 +172,23 @@ def test_the_service_check_fails_on_planted_violations(tmp_path: Path) -> None:
         "service/metrics.py imports service.state",
         "service/metrics.py imports service.state.ServiceState",
     ]
+
+
+def test_a_local_registry_loads_no_storage_library(tmp_path: Path) -> None:
+    """fsspec/s3fs are imported only for an s3:// root; torch and FastAPI never."""
+    script = (
+        "import sys\n"
+        "from registry import Registry\n"
+        "from registry.cli import main\n"
+        f"reg = Registry({str(tmp_path)!r})\n"
+        "reg.publish('m', {'weights.safetensors': b'w' * 70000}, __import__('tests.registry."
+        "test_registry', fromlist=['_spec'])._spec())\n"
+        f"assert main(['--root', {str(tmp_path)!r}, 'verify']) == 0\n"
+        "heavy = {'fsspec', 's3fs', 'botocore', 'aiobotocore', 'torch', 'fastapi'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate on the test set every N epochs (and at the end)",
     )
     t.add_argument("--register", metavar="NAME", help="publish the run to the registry")
-    t.add_argument("--root", default="models", help="registry root for --register")
+    t.add_argument(
+        "--root", default="models", help="registry root for --register (folder or s3://...)"
+    )
 
     w = sub.add_parser(
         "sweep", help="an ablation, then the chosen recipe on several seeds, in one process"
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "points below fp32 is refused.",
     )
     q.add_argument("ref", metavar="NAME@VERSION")
-    q.add_argument("--root", default="models", help="registry root")
+    q.add_argument("--root", default="models", help="registry root (folder or s3://...)")
     q.add_argument("--data", default=default_source(), help="JPEG folder or packed file")
     q.add_argument(
         "--calibration-per-class",
@@ -232,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.register and summary:
         from training.publish import publish_run
 
-        mv = publish_run(Path(args.out), args.register, Path(args.root))
+        mv = publish_run(Path(args.out), args.register, args.root)
         print(_published(mv, args.root))
     return 0
 
@@ -328,7 +330,7 @@ def _register(args: argparse.Namespace) -> int:
     mv = publish_run(
         args.run_dir,
         args.name,
-        Path(args.root),
+        args.root,
         alias=args.alias,
         exports=not args.no_exports,
         force=args.force,
@@ -343,7 +345,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from seednet.quantize import quantize_version
     from training.data import load_split
 
-    registry = Registry(Path(args.root))
+    registry = Registry(args.root)
     mv = registry.get(args.ref)
     train = load_split(args.data, "train", args.calibration_per_class)
     test = load_split(args.data, "test", args.test_limit_per_class)

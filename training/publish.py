@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -67,7 +66,7 @@ def version_spec(run_dir: Path) -> VersionSpec:
 def publish_run(
     run_dir: Path,
     name: str,
-    root: Path,
+    root: Path | str,
     alias: str | None = None,
     exports: bool = True,
     parent: str | None = None,
@@ -85,8 +84,8 @@ def publish_run(
     images = check_images_from(config["settings"]["data"])
     files: dict[str, Path] = {WEIGHTS_FILE: run_dir / "model.safetensors"}
     files |= {f: run_dir / f for f in RUN_FILES if (run_dir / f).exists()}
-    with tempfile.TemporaryDirectory() as tmp:
-        golden = Path(tmp) / GOLDEN_FILE
+    with registry.scratch(name) as tmp:  # the registry's temp area: cleaned if killed
+        golden = tmp / GOLDEN_FILE
         save_file(golden_set(run_graph(run_dir), images), str(golden))
         files[GOLDEN_FILE] = golden
         mv = registry.publish(name, files, spec, parent=parent, force=force)

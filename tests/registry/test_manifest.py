@@ -1,4 +1,5 @@
-"""The typed manifest: committed schema-1 versions load unchanged; new ones are schema 2."""
+"""The typed manifest: committed schema-1 versions load unchanged; new ones are schema 2,
+or 3 when they share a file with an earlier version."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from registry import IntegrityError, Manifest, Registry
-from registry.manifest import SCHEMA_VERSION, WEIGHTS_FILE
+from registry.manifest import SCHEMA_VERSION, SCHEMA_WITHOUT_SHARED_FILES, WEIGHTS_FILE
 from tests.conftest import REPO
 from tests.registry.test_registry import _publish
 
@@ -33,7 +34,8 @@ def test_new_versions_are_written_as_schema_2_and_round_trip(tmp_path: Path) -> 
     reg = Registry(tmp_path)
     mv = _publish(reg)
     raw = json.loads((mv.path / "manifest.json").read_text())
-    assert raw["schema_version"] == SCHEMA_VERSION == 2
+    # No shared file: schema 2, which readers that predate schema 3 still read.
+    assert raw["schema_version"] == SCHEMA_WITHOUT_SHARED_FILES == 2 < SCHEMA_VERSION
     assert "input_size" not in raw
     assert Manifest.from_dict(raw) == mv.manifest == reg.get(mv.ref).manifest
     assert Manifest.from_dict(mv.manifest.to_dict()).to_dict() == raw
