@@ -329,19 +329,32 @@ def print_tables(paths: list[Path]) -> None:
                 f"{data['date']}\n"
             )
             print(
-                "| map | deletion AUC (lower is better) | insertion AUC (higher is better) "
-                "| deletion below random | insertion above random |"
+                "| map | deletion AUC (lower is better) | minus random's, same images "
+                "| insertion AUC (higher is better) | minus random's, same images "
+                "| images where deletion / insertion beats random |"
             )
-            print("| --- | ---: | ---: | ---: | ---: |")
+            print("| --- | ---: | ---: | ---: | ---: | ---: |")
             for name, row in rows.items():
                 d, i = np.asarray(row["deletion_auc"]), np.asarray(row["insertion_auc"])
                 dm, ds = stats(d)
                 im, is_ = stats(i)
-                below = "" if name == "random" else f"{100 * (d < rand_del).mean():.0f} %"
-                above = "" if name == "random" else f"{100 * (i > rand_ins).mean():.0f} %"
+                if name == "random":
+                    print(f"| {name} | {dm:.3f} ± {ds:.3f} | | {im:.3f} ± {is_:.3f} | | |")
+                    continue
+                ddm, dds = stats(d - rand_del)
+                idm, ids = stats(i - rand_ins)
+                beats = f"{100 * (d < rand_del).mean():.0f} % / {100 * (i > rand_ins).mean():.0f} %"
                 print(
-                    f"| {name} | {dm:.3f} ± {ds:.3f} | {im:.3f} ± {is_:.3f} | {below} | {above} |"
+                    f"| {name} | {dm:.3f} ± {ds:.3f} | {ddm:+.3f} ± {dds:.3f} "
+                    f"| {im:.3f} ± {is_:.3f} | {idm:+.3f} ± {ids:.3f} | {beats} |"
                 )
+            print("\nMean curves (probability of the explained class at each fraction):\n")
+            print("| map | deletion | insertion |")
+            print("| --- | --- | --- |")
+            for name, row in rows.items():
+                dc = " ".join(f"{v:.2f}" for v in row["deletion_mean_curve"])
+                ic = " ".join(f"{v:.2f}" for v in row["insertion_mean_curve"])
+                print(f"| {name} | {dc} | {ic} |")
         else:
             steps = data["steps"]
             names = list(steps[0]["maps"])
