@@ -139,9 +139,7 @@ def rank_pixels(saliency: np.ndarray, patch: int, rng: np.random.Generator) -> n
     patch_rank = np.empty_like(order)
     np.put_along_axis(patch_rank, order, np.arange(side * side)[None].repeat(n, 0), axis=1)
     grid = patch_rank.reshape(n, side, 1, side, 1)
-    return np.ascontiguousarray(np.broadcast_to(grid, (n, side, patch, side, patch))).reshape(
-        n, 32, 32
-    )
+    return np.array(np.broadcast_to(grid, (n, side, patch, side, patch))).reshape(n, 32, 32)
 
 
 def curves(
