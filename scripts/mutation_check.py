@@ -127,6 +127,46 @@ MUTANTS = [
         "\n    return x",
         ("tests/training/test_data.py",),
     ),
+    Mutant(
+        "split-request-out-of-order",
+        "a request larger than max_batch_size gets its chunks' rows back in the wrong order",
+        "service/batching.py",  # Batcher.submit, where the chunks' results are joined
+        "        model = results[0][1]\n",
+        "        model = results[0][1]\n        results = results[1:] + results[:1]\n",
+        ("tests/service/test_batch_order.py",),
+    ),
+    Mutant(
+        "verify-skips-missing-file",
+        "verify passes a version whose published file is missing",
+        "registry/store.py",  # Registry._verify_dir, the loop over the manifest's files
+        "        for filename, entry in manifest.files.items():\n"
+        "            problem = check_entry(folder, filename, entry)",
+        "        for filename, entry in manifest.files.items():\n"
+        "            if not (folder / filename).exists():\n"
+        "                continue\n"
+        "            problem = check_entry(folder, filename, entry)",
+        ("tests/registry/test_registry.py::test_verify_reports_a_missing_file",),
+    ),
+    Mutant(
+        "admin-token-prefix-accepted",
+        "a prefix of the admin token is accepted",
+        "service/deps.py",  # require_admin, the token comparison
+        "    if not secrets.compare_digest(header[7:].strip().encode(), "
+        "settings.admin_token.encode()):",
+        "    if not settings.admin_token.encode().startswith(header[7:].strip().encode()):",
+        ("tests/service/test_admin_token.py",),
+    ),
+    Mutant(
+        "final-eval-on-raw-weights",
+        "the run's final evaluation scores the raw weights, not the EMA weights it publishes",
+        "training/train.py",  # finish_run, the final evaluation
+        "    ev: Evaluation = evaluate(model, test_set, autocast=False, flip_tta=True)",
+        "    ev: Evaluation = evaluate(run.model, test_set, autocast=False, flip_tta=True)",
+        (
+            "tests/training/test_train.py::"
+            "test_the_reported_accuracy_is_that_of_the_published_ema_weights",
+        ),
+    ),
 ]
 
 

@@ -296,6 +296,21 @@ def test_corruption_is_reported_and_never_served(tmp_path: Path) -> None:
     assert reg.verify_all()["seednet@1"] == reg.verify(mv)
 
 
+@pytest.mark.parametrize("gone", ["weights.safetensors", "summary.json", "model.onnx"])
+def test_verify_reports_a_missing_file(tmp_path: Path, gone: str) -> None:
+    """A published or derived file that disappeared is a failure, never skipped."""
+    reg = Registry(tmp_path)
+    mv = _publish(reg)
+    reg.add_derived(mv, {"model.onnx": b"onnx" * 10}, {"opset": 18})
+    assert reg.verify(mv) == []
+    (mv.path / gone).unlink()
+    assert reg.verify(mv) == [f"{gone}: missing"]
+    assert reg.verify_all() == {"seednet@1": [f"{gone}: missing"]}
+    out = _cli(tmp_path, "verify")
+    assert out.returncode == 1, out.stdout
+    assert f"FAIL seednet@1: {gone}: missing" in out.stdout
+
+
 def test_derived_files(tmp_path: Path) -> None:
     reg = Registry(tmp_path)
     mv = _publish(reg)

@@ -496,6 +496,7 @@ def test_predict_rest_v2_and_grpc_batch_together_and_are_counted_by_protocol(
 ):
     before = httpx.get(f"{server.url}/metrics").text
     n = 6  # requests per protocol, one image each
+    n_refused = 2  # gRPC calls with a float tensor: refused before any batch, counted
 
     async def run():
         aio = grpcaio.InferenceServerClient(server.grpc_url)
@@ -523,8 +524,17 @@ def test_predict_rest_v2_and_grpc_batch_together_and_are_counted_by_protocol(
                 )
                 return True
 
+            async def grpc_refused():
+                bad = grpc_input("images", pixels[:1].astype(np.float32), "FP32")
+                try:
+                    await aio.infer("tiny", [bad])
+                except InferenceServerException as e:
+                    return e.status() == "StatusCode.INVALID_ARGUMENT"
+                return False
+
             try:
                 calls = [f() for _ in range(n) for f in (v2, rest, grpc_call)]
+                calls += [grpc_refused() for _ in range(n_refused)]
                 return await asyncio.gather(*calls)
             finally:
                 await aio.close()
@@ -556,7 +566,17 @@ def test_predict_rest_v2_and_grpc_batch_together_and_are_counted_by_protocol(
         )
         == n
     )
-    assert 'seednet_request_errors_total{protocol="grpc"' in after  # the refused calls above
+    infer = 'route="inference.GRPCInferenceService/ModelInfer"'
+    assert count(f'method="RPC",protocol="grpc",{infer},status="INVALID_ARGUMENT"') == n_refused
+    errors = re.compile(r"seednet_request_errors_total\{(.*)\} (\S+)")
+
+    def grpc_errors(text: str) -> dict[str, float]:
+        return {k: float(v) for k, v in errors.findall(text) if 'protocol="grpc"' in k}
+
+    new = {k: v - grpc_errors(before).get(k, 0.0) for k, v in grpc_errors(after).items()}
+    assert {k: v for k, v in new.items() if v} == {
+        f'protocol="grpc",{infer},status="INVALID_ARGUMENT"': n_refused
+    }
 
 
 # ---------------------------------------------------------------------- limits, lifecycle

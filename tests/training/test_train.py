@@ -137,6 +137,52 @@ def test_fast_recipe_resumes_exactly_with_its_ema_and_schedule(cifar_dir, tmp_pa
     assert [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
 
+def test_the_reported_accuracy_is_that_of_the_published_ema_weights(cifar_dir, tmp_path):
+    """`fast` publishes the EMA of the weights; summary.json (and so the registry's
+    manifest) must report what those weights score, not what the raw weights score.
+
+    Three epochs of 10 images per class: the EMA (decay 0.999) is still near the first
+    steps' weights while the raw weights have learnt something, so the two differ.
+    """
+    from training.data import load_split
+    from training.evaluation import evaluate
+    from training.loading import load_model
+    from training.publish import publish_run
+    from training.train import TrainSettings, train
+
+    run = tmp_path / "run"
+    settings = TrainSettings(
+        recipe="fast",
+        arch="seednet-small",
+        data=str(cifar_dir),
+        out=str(run),
+        epochs=3,
+        batch_size=20,
+        device="cpu",
+        limit_per_class=10,
+        seed=3,
+        reports=False,
+    )
+    summary = train(settings)
+    assert summary["weights"] == "ema"
+    mv = publish_run(run, "ema", tmp_path / "registry", exports=False)
+    published, _ = load_model(mv.path)  # through the registry, checksums verified
+    raw, _ = load_model(run / "checkpoint.pt")  # the trained weights of the last epoch
+    test_set = load_split(cifar_dir, "test", settings.limit_per_class)
+    assert summary["test_images"] == len(test_set) == 100
+
+    ema = evaluate(published, test_set)
+    assert summary["test_accuracy"] == ema.accuracy
+    assert summary["test_accuracy_flip_tta"] == ema.flip_tta_accuracy
+    assert summary["test_loss"] == pytest.approx(ema.loss, rel=1e-6)
+    assert summary["per_class_accuracy"] == ema.per_class_accuracy
+    assert mv.manifest.metrics.test_accuracy == ema.accuracy
+
+    trained = evaluate(raw, test_set)
+    assert trained.accuracy != ema.accuracy, "this run no longer tells the two weights apart"
+    assert summary["test_accuracy"] != trained.accuracy
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_gloo(cifar_dir, tmp_path):
     out = tmp_path / "ddp"
