@@ -117,6 +117,12 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         self.model_swaps = Counter("seednet_model_swaps", "serving model replaced", registry=r)
+        self.registry_errors = Counter(
+            "seednet_registry_errors",
+            "checks of the registry (alias following) that failed: the store could not be "
+            "reached or read; the loaded model keeps serving",
+            registry=r,
+        )
         self.queue_images = Gauge(
             "seednet_queue_images",
             "images waiting for a batch (all workers)",

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from registry import ModelVersion, Registry
+from registry.errors import StorageError
 from service.config import Settings
 from service.dataplane.batching import Batcher
 from service.dataplane.served import ServingModel
@@ -57,7 +58,7 @@ class ModelHost:
         """
         s = self.settings
         async with self._swap_lock:
-            mv = self.registry.resolve(name or s.model_name, ref)
+            mv = await asyncio.to_thread(self.registry.resolve, name or s.model_name, ref)
             prepared = await asyncio.to_thread(
                 prepare,
                 self.registry,
@@ -73,7 +74,7 @@ class ModelHost:
             if auto and auto.get("measured") and "reused_from" not in auto:
                 await asyncio.to_thread(self._record_auto, model.version, auto)
             if commit is not None:
-                commit()
+                await asyncio.to_thread(commit)
             previous, self.model = self.model, model
             self.metrics.set_model(model.info)
             if previous is not None:
@@ -98,16 +99,38 @@ class ModelHost:
             )
 
     async def follow_alias(self, every: float) -> None:
-        """Swap to whatever SEEDNET_MODEL_REF resolves to now, checked every ``every`` s.
+        """Swap to whatever SEEDNET_MODEL_REF names now, checked every ``every`` s.
 
-        A version that fails to load is logged and retried; the loaded model keeps serving.
+        Each check is one conditional read of the model's aliases (on an object store a
+        GET with ``If-None-Match`` that downloads nothing while they are unchanged). A
+        version that fails to load is retried at the next check; a store that cannot be
+        reached is counted and logged once per outage, and the loaded model keeps serving.
         """
         s = self.settings
+        token: str | None = None
+        unreachable = False
         while True:
             await asyncio.sleep(every)
             try:
-                target = self.registry.resolve(s.model_name, s.model_ref).version
+                if token is None:
+                    state = await asyncio.to_thread(self.registry.alias_state, s.model_name)
+                else:
+                    state = await asyncio.to_thread(
+                        self.registry.alias_state_if_changed, s.model_name, token
+                    )
+                if unreachable:
+                    log.info("the registry answers again; following %s", s.model_ref)
+                    unreachable = False
+                if state is None:
+                    continue  # unchanged
+                target = state.aliases.get(s.model_ref, s.model_ref)
                 if self.model is not None and target != self.model.version.version:
                     await self.load(s.model_ref)
-            except Exception as exc:  # keep serving the loaded model; say why once a cycle
+                token = state.token  # after a successful swap: a failed load retries
+            except StorageError as exc:
+                self.metrics.registry_errors.inc()
+                if not unreachable:
+                    log.warning("following %s@%s: %s", s.model_name, s.model_ref, exc)
+                unreachable = True
+            except Exception as exc:  # keep serving the loaded model; say why each check
                 log.warning("following %s@%s: %s", s.model_name, s.model_ref, exc)

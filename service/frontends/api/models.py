@@ -11,12 +11,14 @@ KiB itself.
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
+from registry import Registry
 from service.frontends.http.bodies import ADMIN_BODY_BYTES, read_admin_json
 from service.frontends.http.deps import Admin, HostDep, RegistryDep, State
 
@@ -25,6 +27,16 @@ router = APIRouter(tags=["models"])
 
 @router.get("/models", summary="Registry models, versions, aliases, metrics, and what serves")
 async def list_models(state: State, registry: RegistryDep) -> dict:
+    # (an object store answers over the network: off the event loop)
+    out = await asyncio.to_thread(_registry_listing, registry)
+    return {
+        "serving": state.model.info if state.model is not None else None,
+        "requested": {"name": state.settings.model_name, "ref": state.settings.model_ref},
+        "models": out,
+    }
+
+
+def _registry_listing(registry: Registry) -> list[dict]:
     out = []
     for name in registry.names():
         versions = []
@@ -48,11 +60,7 @@ async def list_models(state: State, registry: RegistryDep) -> dict:
                 }
             versions.append(entry)
         out.append({"name": name, "aliases": registry.aliases(name), "versions": versions})
-    return {
-        "serving": state.model.info if state.model is not None else None,
-        "requested": {"name": state.settings.model_name, "ref": state.settings.model_ref},
-        "models": out,
-    }
+    return out
 
 
 class PromoteRequest(BaseModel):
@@ -93,14 +101,16 @@ async def promote(
         body = PromoteRequest.model_validate(await read_admin_json(request, s))
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    registry.resolve(name, body.version)  # 404 before anything changes
-    move_alias = partial(registry.set_alias, name, body.alias, body.version)
+    await asyncio.to_thread(registry.resolve, name, body.version)  # 404 before any change
+    # The alias moves only if nobody moved one meanwhile (a compare-and-swap: 409 if so).
+    token = (await asyncio.to_thread(registry.alias_state, name)).token
+    move_alias = partial(registry.set_alias, name, body.alias, body.version, token)
     if name == s.model_name and body.alias == s.model_ref:
         # Load first, move the alias, then swap: a version that cannot load is never
         # promoted, and a failed alias write leaves the old model serving.
         await host.load(body.version, name, commit=move_alias)
     else:
-        move_alias()
+        await asyncio.to_thread(move_alias)
     return {
         "name": name,
         "alias": body.alias,
