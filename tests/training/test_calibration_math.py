@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training import calibration as cal
-from training.calibrate import holdout_mask, within_class_index
+from training.data import holdout_mask, within_class_index
 
 
 def _sampled(n: int, temperature: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
