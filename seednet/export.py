@@ -392,3 +392,24 @@ def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
         f"{mv.ref}: weights reproduce the golden outputs (max abs diff {max(drift.values()):.1e})"
     )
     return report
+
+
+def check_version_metadata(registry: Registry, mv: ModelVersion) -> list[str]:
+    """Problems (empty: none) where an export of ``mv`` records another temperature or OOD
+    score than its manifest: the derived TorchScript and ONNX files and the published int8
+    file, each read back from disk."""
+    m = mv.manifest
+    expected_t = m.calibration.temperature if m.calibration else None
+    expected_ood = m.ood.score if m.ood else None
+    names = list(registry.derived(mv).get("files", {}))
+    if m.int8 is not None and m.int8.file:
+        names.append(m.int8.file)
+    problems = []
+    for name in names:
+        meta = export_metadata(registry.open_verified(mv, name))
+        if meta.get("temperature") != expected_t or meta.get("ood_score") != expected_ood:
+            problems.append(
+                f"{name}: temperature {meta.get('temperature')}, ood_score "
+                f"{meta.get('ood_score')}; the manifest says {expected_t}, {expected_ood}"
+            )
+    return problems

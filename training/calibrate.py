@@ -55,6 +55,7 @@ from registry.manifest import (
 from seednet.export import (
     ExportError,
     ExportReport,
+    check_version_metadata,
     export_and_check,
     export_metadata,
     golden_set,
@@ -762,27 +763,6 @@ def record_exports(registry: Registry, mv: ModelVersion, exports: ExportReport |
         materialize(registry, mv)
         return
     registry.add_derived(mv, exports.files, exports.to_info())
-
-
-def check_version_metadata(registry: Registry, mv: ModelVersion) -> list[str]:
-    """Problems (empty: none) where an export of ``mv`` records another temperature or OOD
-    score than its manifest: the derived TorchScript and ONNX files and the published int8
-    file, each read back from disk."""
-    m = mv.manifest
-    expected_t = m.calibration.temperature if m.calibration else None
-    expected_ood = m.ood.score if m.ood else None
-    names = list(registry.derived(mv).get("files", {}))
-    if m.int8 is not None and m.int8.file:
-        names.append(m.int8.file)
-    problems = []
-    for name in names:
-        meta = export_metadata(registry.open_verified(mv, name))
-        if meta.get("temperature") != expected_t or meta.get("ood_score") != expected_ood:
-            problems.append(
-                f"{name}: temperature {meta.get('temperature')}, ood_score "
-                f"{meta.get('ood_score')}; the manifest says {expected_t}, {expected_ood}"
-            )
-    return problems
 
 
 def promote_if_better(registry: Registry, result: CalibrationResult, alias: str) -> bool:
