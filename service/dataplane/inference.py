@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from seednet.graph import out_of_distribution
 from service.dataplane.backends import Outputs
 from service.dataplane.batching import Batcher
 from service.dataplane.decoding import DecodePool, decode_files
@@ -102,4 +103,15 @@ class DataPlane:
         result = await self.batcher.submit(np.ascontiguousarray(pixels), model)
         self.metrics.observe_stage("queue_wait", protocol, result.queue_wait)
         self.metrics.observe_stage("model", protocol, result.model_seconds)
-        return Inference(result.outputs, result.model, images)
+        outputs = with_ood_flag(result.outputs, result.model)
+        self.metrics.on_answers(result.model.version.version, outputs)
+        return Inference(outputs, result.model, images)
+
+
+def with_ood_flag(outputs: Outputs, model: ServingModel) -> Outputs:
+    """``out_of_distribution`` (bool per image) beside a calibrated graph's ``ood_score``,
+    at the threshold published with the version; outputs unchanged for other versions."""
+    threshold = model.ood_threshold
+    if threshold is None or "ood_score" not in outputs:
+        return outputs
+    return {**outputs, "out_of_distribution": out_of_distribution(outputs["ood_score"], threshold)}

@@ -4,9 +4,6 @@ held out a calibration split published calibrated."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,52 +15,10 @@ from registry.manifest import PUBLISHED_INT8_FILE
 from seednet.export import check_version_metadata, export_metadata
 from seednet.graph import CALIBRATED_OUTPUTS, out_of_distribution
 from seednet.runtimes import ort_outputs, ort_session
-from tests.conftest import REPO
-from training.ood_sets import PROCEDURAL, build_ood_sets
+from training.ood_sets import PROCEDURAL
 
 # Two publishes with exports, int8 and a training run: minutes on a busy 2-core machine.
 pytestmark = pytest.mark.timeout(2400)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "training", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-
-
-@pytest.fixture(scope="module")
-def calibrated(served_registry, cifar_dir, tmp_path_factory):
-    """tiny@1 calibrated into a copy of the served registry: (registry, first, second run)."""
-    tmp = tmp_path_factory.mktemp("calibrate")
-    root = tmp / "models"
-    shutil.copytree(served_registry, root)
-    build_ood_sets(tmp / "ood", per_set=40, sets=PROCEDURAL)
-    args = [
-        "calibrate",
-        "tiny@1",
-        "--root",
-        str(root),
-        "--data",
-        str(cifar_dir),
-        "--ood-sets",
-        str(tmp / "ood"),
-        "--cache",
-        str(tmp / "cache"),
-        "--test-limit-per-class",
-        "10",
-        "--max-drop",
-        "100",  # a one-epoch model: the gate's figures are checked, not its verdict
-        "--shift-per-class",
-        "2",
-        "--register",
-    ]
-    first = run_cli(*args)
-    second = run_cli(*args)  # a retried publish
-    return Registry(root), first, second
 
 
 @pytest.mark.slow

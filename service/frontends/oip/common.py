@@ -88,13 +88,17 @@ def server_version() -> str:
 
 
 @lru_cache(maxsize=8)
-def _signature(labels: tuple[str, ...], attention_dims: tuple[int, ...]) -> ModelSignature:
-    return seednet_signature(labels, attention_dims)
+def _signature(
+    labels: tuple[str, ...], attention_dims: tuple[int, ...], ood: bool
+) -> ModelSignature:
+    return seednet_signature(labels, attention_dims, ood)
 
 
 def signature_of(model: ServingModel) -> ModelSignature:
-    """The protocol signature of a loaded model (its class names and attention shape)."""
-    return _signature(tuple(model.class_names), tuple(model.attention_dims))
+    """The protocol signature of a loaded model (its class names, attention shape, and
+    the out-of-distribution outputs of a calibrated version)."""
+    ood = model.ood_threshold is not None
+    return _signature(tuple(model.class_names), tuple(model.attention_dims), ood)
 
 
 def served_model(state: ServiceState, name: str, version: str | None) -> ServingModel:

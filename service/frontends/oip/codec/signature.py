@@ -76,17 +76,27 @@ class ModelSignature:
 def seednet_signature(
     labels: Sequence[str] = CIFAR10_LABELS,
     attention_dims: Sequence[int] = (7, 2),
+    ood: bool = False,
 ) -> ModelSignature:
-    """SeedNet's signature; pass the served model's class names and attention dims."""
+    """SeedNet's signature; pass the served model's class names and attention dims, and
+    ``ood`` for calibrated versions, whose graph also scores how unlike the training
+    images each image is: ``ood_score`` FP32 ``[N]`` and ``out_of_distribution`` BOOL
+    ``[N]`` (the score above the version's threshold)."""
+    outputs = (
+        TensorSpec("probabilities", "FP32", (len(labels),)),
+        TensorSpec("attention", "FP32", tuple(attention_dims)),
+    )
+    if ood:
+        outputs += (
+            TensorSpec("ood_score", "FP32", ()),
+            TensorSpec("out_of_distribution", "BOOL", ()),
+        )
     return ModelSignature(
         inputs=(
             TensorSpec("images", "UINT8", (3, 32, 32)),
             TensorSpec("image_bytes", "BYTES", (1,), also_accepted=((),)),
         ),
-        outputs=(
-            TensorSpec("probabilities", "FP32", (len(labels),)),
-            TensorSpec("attention", "FP32", tuple(attention_dims)),
-        ),
+        outputs=outputs,
         labels=tuple(labels),
     )
 
