@@ -145,7 +145,13 @@ def float_tail(model) -> list[str]:
 
 def quantize_onnx(src: Path, dest: Path, calibration: np.ndarray) -> None:
     """Static QDQ quantisation of ``src``: per-channel int8 weights, uint8 activations;
-    the softmax outputs (probabilities, attention) stay float (:func:`float_tail`)."""
+    the softmax outputs (probabilities, attention) stay float (:func:`float_tail`).
+
+    Weights use 7 bits (``reduce_range``): on a CPU without VNNI (AVX2 only), ONNX
+    Runtime's uint8 x int8 kernels add pairs of products in 16 bits, which saturate with
+    full-range weights. Measured on seednet@1 on such a CPU (2026-12-02, 1,000 test images):
+    8-bit weights 90.7 % against 92.2 % fp32, 7-bit weights 92.4 %, at the same speed
+    (signed 8-bit activations were as accurate but no faster than fp32 there)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -172,6 +178,7 @@ def quantize_onnx(src: Path, dest: Path, calibration: np.ndarray) -> None:
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=keep_float,
+            reduce_range=True,
         )
 
 
@@ -261,7 +268,7 @@ def int8_details(report: Int8Report, data: dict | None = None) -> dict:
     return {
         "tool": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
-        "weights": "int8, per channel",
+        "weights": "int8 (7-bit range), per channel",
         "activations": "uint8, per tensor",
         "calibration": "MinMax",
         "calibration_images": report.calibration_images,
