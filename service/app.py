@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 watcher.cancel()
             if grpc_server is not None:
                 await stop_grpc_server(state, grpc_server)
-            explanations.close()
+            await explanations.close()
             decoder.shutdown()
             await batcher.stop()
             metrics.worker_exited(os.getpid())

@@ -328,12 +328,14 @@ class ExplainRunner:
                 retry_after=self.retry_after(1),
             ) from None
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Stop the worker: nothing new starts, a running explanation ends first (an
+        explanation takes seconds at most), then the process exits."""
         for task in self._tasks:
             task.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------- the front door
@@ -424,6 +426,6 @@ class Explanations:
         )
         return Explanation(await runner.explain(job), model, images)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.runner is not None:
-            self.runner.close()
+            await self.runner.close()

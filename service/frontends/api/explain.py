@@ -213,9 +213,9 @@ async def explain(
         wire=wire,
         model=model,
     )
-    t1 = time.perf_counter()
+    # (not a "serialise" stage: the maps were encoded by the worker, and these large
+    # bodies would skew the JSON API's figure, which is /predict's)
     body = render_json(build_response(result, uploads))
-    plane.observe("serialise", PROTOCOL, time.perf_counter() - t1)
     return Response(body, media_type="application/json")  # (FastAPI skips response_model)
 
 
