@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import shutil
 import threading
 import time
@@ -374,8 +375,11 @@ def test_an_explanation_past_its_deadline_is_503_and_never_computed(served_regis
 
 
 def test_a_promote_rebuilds_the_explainer_for_the_new_version(
-    served_registry, tmp_path, pixels, local_explainer
+    served_registry, tmp_path, pixels, local_explainer, caplog
 ):
+    """The swap builds tiny@2's explainer in the worker before any request asks for it;
+    explanations after the promote are tiny@2's."""
+    caplog.set_level(logging.INFO, logger="seednet.explain")
     root = tmp_path / "registry"
     shutil.copytree(served_registry, root)
     with LiveServer(
@@ -394,6 +398,9 @@ def test_a_promote_rebuilds_the_explainer_for_the_new_version(
             timeout=120,
         )
         assert r.status_code == 200, r.text
+        wait_until(
+            lambda: any("tiny@2 ready" in m for m in caplog.messages), 120, 0.1, "the rebuild"
+        )
         after = explain(srv.url, png(pixels[0]), encoding="f16", blocks="7")
     assert before.json()["model"]["version"] == "1"
     assert after.status_code == 200 and after.json()["model"]["version"] == "2"
