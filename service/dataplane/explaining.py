@@ -304,9 +304,12 @@ class ExplainRunner:
                 loop.call_soon_threadsafe(done)
 
         future.add_done_callback(pass_turn)
+        answer = asyncio.wrap_future(future)
+        # (read even when nobody waits for it any more: no "exception never retrieved")
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             async with asyncio.timeout_at(deadline):
-                return await asyncio.shield(asyncio.wrap_future(future))
+                return await asyncio.shield(answer)
         except TimeoutError:
             raise ExplainTimeout(
                 f"the explanation was not done within {self.timeout:g} s "

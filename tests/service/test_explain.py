@@ -416,7 +416,11 @@ def test_a_promote_rebuilds_the_explainer_for_the_new_version(
 
 def test_with_explanations_off_explain_is_404_and_predict_works(served_registry, pixels):
     with LiveServer(
-        registry_root=served_registry, model_name="tiny", device="cpu", explain="off"
+        registry_root=served_registry,
+        model_name="tiny",
+        device="cpu",
+        backend="torchscript",  # (auto would record its choice in the shared registry)
+        explain="off",
     ) as srv:
         r = explain(srv.url, png(pixels[0]))
         ok = httpx.post(f"{srv.url}/predict", files={"file": ("a.png", png(pixels[0]))})

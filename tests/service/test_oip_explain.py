@@ -198,7 +198,11 @@ def test_bad_explain_parameters_are_refused_over_both_protocols(http, grpc, pixe
 
 def test_with_explanations_off_the_extension_is_not_advertised(served_registry, golden_1):
     with LiveServer(
-        registry_root=served_registry, model_name="tiny", device="cpu", explain="off"
+        registry_root=served_registry,
+        model_name="tiny",
+        device="cpu",
+        backend="torchscript",  # (auto would record its choice in the shared registry)
+        explain="off",
     ) as srv:
         meta = httpx.get(f"{srv.url}/v2").json()
         model = httpx.get(f"{srv.url}/v2/models/tiny").json()
