@@ -42,6 +42,9 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 # ood_score = -logsumexp(logits / T): about -10 for a confident answer, -2.3 (= -log 10)
 # for a uniform one; a version's threshold sits between (about -3.7 for seednet@2).
 OOD_BUCKETS = (-12, -10, -8, -7, -6, -5, -4.5, -4, -3.5, -3, -2.5, -2)
+# An explanation takes tens of milliseconds to seconds (gradients, many images).
+EXPLAIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+EXPLAIN_OUTCOMES = ("done", "queue_full", "timeout", "invalid", "failed")
 
 
 def multiprocess_dir() -> str | None:
@@ -167,6 +170,40 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+        # Explanations: their own worker process and queue (service.dataplane.explaining).
+        self.explanations = Counter(
+            "seednet_explanations",
+            "explanation requests by outcome: done, queue_full (429), timeout (503), "
+            "invalid (422), failed (503: the worker failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.explain_queue = Gauge(
+            "seednet_explain_queue",
+            "explanation requests waiting for the explanation worker (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.explain_running = Gauge(
+            "seednet_explain_running",
+            "explanation requests the explanation worker is computing (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.explain_queue_wait = Histogram(
+            "seednet_explain_queue_wait_seconds",
+            "time an explanation request waits for the explanation worker",
+            buckets=EXPLAIN_BUCKETS,
+            registry=r,
+        )
+        self.explain_seconds = Histogram(
+            "seednet_explain_seconds",
+            "explanation worker time per request (forward, backward, maps encoded)",
+            buckets=EXPLAIN_BUCKETS,
+            registry=r,
+        )
+        self.explain_images = Counter("seednet_explained_images", "images explained", registry=r)
 
     def on_request(
         self, protocol: str, route: str, method: str, status: str, failed: bool, seconds: float

@@ -178,6 +178,10 @@ class LiveServer:
 
         self.sock = bound_socket()
         self.port = self.sock.getsockname()[1]
+        # Explanations start their worker process at the first one (SEEDNET_EXPLAIN=lazy)
+        # unless a test asks otherwise: most servers here never explain, and each worker
+        # would import torch again on a busy machine.
+        overrides = {"explain": "lazy", **overrides}
         self.settings = Settings(host="127.0.0.1", port=self.port, **overrides)
         self.app = create_app(self.settings)
         # The service's own uvicorn settings (timeouts, header deadline), quieter logs.
@@ -227,6 +231,7 @@ def server(served_registry) -> Iterator[LiveServer]:
         max_upload_bytes=2_000_000,
         max_image_pixels=4_000_000,
         grpc_port=0,
+        explain="on",  # the explain tests and the page's
         # bursts of 64 requests on a busy CI machine must not meet admission control
         # (tests/service/test_admission.py and test_conformance.py test it on their own)
         queue_timeout_ms=60_000,

@@ -74,6 +74,15 @@ class DataPlane:
         """A front end's own stage (``read_body``, ``parse``, ``serialise``)."""
         self.metrics.observe_stage(stage, protocol, seconds)
 
+    async def decode(self, files: Sequence[ImageFile], protocol: str) -> list[PreparedImage]:
+        """Uploads as model inputs, on the decode pool, within the request's limits (the
+        ``decode`` stage); what :meth:`infer` does with files, for other consumers of
+        the images (explanations)."""
+        t0 = time.perf_counter()
+        images = await decode_files(self.decoder, files, self.limits)
+        self.metrics.observe_stage("decode", protocol, time.perf_counter() - t0)
+        return images
+
     async def infer(
         self,
         *,
@@ -90,9 +99,7 @@ class DataPlane:
         self.current_model()  # 503 while none is loaded, before any work is done
         images = None
         if files is not None:
-            t0 = time.perf_counter()
-            images = await decode_files(self.decoder, files, self.limits)
-            self.metrics.observe_stage("decode", protocol, time.perf_counter() - t0)
+            images = await self.decode(files, protocol)
             pixels = np.stack([p.array for p in images])
         assert pixels is not None
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != PIXEL_SHAPE:

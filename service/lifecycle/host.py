@@ -41,6 +41,12 @@ class ModelHost:
         self.batcher = batcher
         self.model: ServingModel | None = None
         self._swap_lock = asyncio.Lock()
+        self._on_swap: list[Callable[[ServingModel], None]] = []
+
+    def on_swap(self, listener: Callable[[ServingModel], None]) -> None:
+        """Call ``listener(model)`` each time a model starts serving (the first included),
+        right after the swap: what keeps per-version state (explainers) in step."""
+        self._on_swap.append(listener)
 
     def current(self) -> ServingModel:
         """The serving model; :class:`NotReady` (503) while none is loaded yet."""
@@ -80,6 +86,8 @@ class ModelHost:
             if previous is not None:
                 self.metrics.model_swaps.inc()
             log.info("serving %s on %s/%s", mv.ref, model.info["backend"], model.info["device"])
+            for listener in self._on_swap:
+                listener(model)
             return model
 
     def _record_auto(self, mv: ModelVersion, auto: dict) -> None:
