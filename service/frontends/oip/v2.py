@@ -159,7 +159,7 @@ async def infer(
     name: str, version: Version, request: Request, state: State, plane: PlaneDep
 ) -> Response:
     settings = state.settings
-    served_model(state, name, version)  # 404/400/503 before reading the body
+    model = served_model(state, name, version)  # 404/400/503 before reading the body
     plane.admit()  # and 429 when the queue is already too long
     limits = request_limits(settings)
     t0 = time.perf_counter()
@@ -174,6 +174,7 @@ async def infer(
         max_batch_size=settings.max_images_per_request,
         max_json_bytes=limits.json_bytes,
         max_json_containers=limits.json_containers,
+        signature=signature_of(model),  # a calibrated version's outputs are the default too
     )
     parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
     plane.observe("parse", PROTOCOL, time.perf_counter() - t1)
