@@ -17,39 +17,41 @@ from service.lifecycle.host import ModelHost
 from service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_settings(state: State) -> Settings:
+async def get_settings(state: State) -> Settings:
     return state.settings
 
 
-def get_registry(state: State) -> Registry:
+async def get_registry(state: State) -> Registry:
     return state.registry
 
 
-def get_host(state: State) -> ModelHost:
+async def get_host(state: State) -> ModelHost:
     if state.host is None:
         raise NotReady()
     return state.host
 
 
-def get_plane(state: State) -> DataPlane:
+async def get_plane(state: State) -> DataPlane:
     if state.plane is None:
         raise NotReady()
     return state.plane
 
 
-def require_model(host: Annotated[ModelHost, Depends(get_host)]) -> ServingModel:
+async def require_model(host: Annotated[ModelHost, Depends(get_host)]) -> ServingModel:
     """The serving model, or 503 while none is loaded yet."""
     return host.current()
 
 
-def require_admin(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> None:
+async def require_admin(
+    request: Request, settings: Annotated[Settings, Depends(get_settings)]
+) -> None:
     """Bearer-token check: 401 without credentials, 403 with wrong ones or when disabled.
 
     Runs before any body is read (admin routes read theirs themselves, capped at a few

@@ -79,7 +79,7 @@ class V2Route(APIRoute):
 router = APIRouter(prefix="/v2", tags=["inference protocol v2"], route_class=V2Route)
 
 
-def path_version(request: Request) -> str | None:
+async def path_version(request: Request) -> str | None:
     """The ``{version}`` of ``.../versions/{version}/...`` routes (None on the others)."""
     return request.path_params.get("version")
 
