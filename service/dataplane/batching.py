@@ -10,8 +10,13 @@ at most ``max_wait`` for more only when others are already queued. Each batch re
 whether it ran alone ("immediate") or merged ("batched"), so the switch shows in metrics.
 
 Admission control, as Triton and TorchServe users expect, sized from what the model
-costs: with a ``queue_timeout``, every request gets a deadline by which its batch must
-*start*. A request is refused at once (:class:`~service.errors.Overloaded`, 429) when the
+costs: with a ``queue_timeout``, every request gets a deadline, counted from its arrival,
+by which its batch must *start*. Before its body is read, a request waits at the door
+(:meth:`Batcher.wait_for_room`: a sleeping coroutine, nothing read or decoded) until it
+could start in time, and is refused (:class:`~service.errors.Overloaded`, 429) when it
+still cannot by its deadline: closed-loop clients refused at once come straight back, and
+hundreds of refusals a second took the event loop's core from the requests being answered.
+After the door, a request is refused at once (429) when the
 images already queued or being decoded, at the measured cost per image, would not let it
 start in time,
 or when ``max_queue_images`` would be exceeded; a queued request whose deadline passes
@@ -33,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -43,6 +49,12 @@ from service.dataplane.served import ServingModel
 from service.errors import DeadlineExceeded, Overloaded
 
 T = TypeVar("T")
+
+#: How long the current request waited at the door: it counts against its deadline (the
+#: time its body takes to arrive and decode does not: that work is done by then).
+WAITED: ContextVar[float] = ContextVar("seednet_door_wait", default=0.0)
+#: How often a request waiting at the door looks for room (seconds).
+DOOR_POLL = 0.02
 
 
 @dataclass
@@ -206,6 +218,30 @@ class Batcher:
         """Images a request queued now would wait for: queued, and being decoded."""
         return self.queued_images + self.preparing_images
 
+    def _budget(self, waited: float | None = None) -> float:
+        """What is left of the current request's queue timeout after its wait at the door."""
+        assert self.queue_timeout is not None
+        return self.queue_timeout - (WAITED.get() if waited is None else waited)
+
+    def _fits(self, n: int, waited: float) -> bool:
+        if self.queue_timeout is None:
+            return True
+        return self.images_ahead() * self.seconds_per_image() <= self._budget(waited)
+
+    async def wait_for_room(self, n: int = 1) -> None:
+        """Admission at the door (before a body is read): wait until ``n`` images could
+        start within the request's deadline; :class:`Overloaded` when they still cannot
+        by then, or at once when ``max_queue_images`` is reached."""
+        arrived = time.perf_counter()
+        if self.queue_timeout is not None and self.max_queue_images is None:
+            # (with an explicit max_queue_images a refusal is immediate, as documented)
+            while not self._fits(n, waited := time.perf_counter() - arrived):
+                if self._budget(waited) <= DOOR_POLL:
+                    break
+                await asyncio.sleep(DOOR_POLL)
+        WAITED.set(time.perf_counter() - arrived)
+        self.admit(n)
+
     def admit(self, n: int) -> None:
         """Raise :class:`Overloaded` when ``n`` more images cannot start in time."""
         limit = self.max_queue_images
@@ -220,7 +256,7 @@ class Batcher:
             return
         # The images ahead must be computed before this request's batch can start.
         wait = self.images_ahead() * self.seconds_per_image()
-        if wait > self.queue_timeout:
+        if wait > self._budget():
             self.stats.on_reject("queue_full")
             raise Overloaded(
                 f"the server is at capacity: the {self.images_ahead()} images ahead take "
@@ -252,7 +288,7 @@ class Batcher:
             model = self.get_model()  # every chunk of one request on the same model
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        deadline = None if self.queue_timeout is None else now + self.queue_timeout
+        deadline = None if self.queue_timeout is None else now + self._budget()
         chunks = [
             _Chunk(
                 images[i : i + self.max_batch_size],

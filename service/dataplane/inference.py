@@ -64,11 +64,12 @@ class DataPlane:
         self.metrics = metrics
         self.current_model = current_model
 
-    def admit(self) -> None:
-        """Refuse a request at once (429) when the queue already cannot start another
-        image in time: front ends call this before reading a body, so an overloaded
-        service spends nothing on requests it would refuse anyway."""
-        self.batcher.admit(1)
+    async def admit(self) -> None:
+        """Admission before a body is read: wait (nothing read or decoded) until one more
+        image could start within the deadline, else 429: an overloaded service spends
+        nothing on requests it refuses, and the wait keeps refused clients from coming
+        straight back."""
+        await self.batcher.wait_for_room(1)
 
     def observe(self, stage: str, protocol: str, seconds: float) -> None:
         """A front end's own stage (``read_body``, ``parse``, ``serialise``)."""

@@ -202,3 +202,57 @@ def test_images_being_decoded_count_as_ahead_of_the_next_request():
         except Overloaded:
             pass
     assert counted.preparing_images == 0
+
+
+def test_a_request_waits_at_the_door_for_room_within_its_deadline():
+    """Before its body is read, a request that cannot start in time waits (nothing read or
+    decoded) and goes in as soon as the queue drains enough; the wait counts against its
+    deadline; past it, 429. With an explicit max_queue_images the refusal is immediate."""
+    import asyncio
+
+    from service.dataplane.batching import WAITED, Batcher, ServiceRate
+    from service.errors import Overloaded
+
+    def slow_queue(**kw) -> Batcher:
+        b = Batcher(lambda: None, max_batch_size=64, max_wait=0.002, queue_timeout=0.5, **kw)
+        b.rate = ServiceRate(seconds_per_image=0.05, samples=1)
+        b.queued_images = 12  # 0.6 s of work ahead: more than the 0.5 s deadline
+        return b
+
+    async def admitted_after_drain() -> tuple[float, float]:
+        b = slow_queue()
+        t0 = time.perf_counter()
+
+        async def enter() -> float:  # (the wait is the request's own: its task's context)
+            await b.wait_for_room(1)
+            return WAITED.get()
+
+        entering = asyncio.create_task(enter())
+        await asyncio.sleep(0.15)
+        assert not entering.done()  # still at the door
+        b.queued_images = 2  # a batch took 10 images: 0.1 s ahead now
+        waited = await entering
+        return time.perf_counter() - t0, waited
+
+    async def refused_at_deadline() -> float:
+        b = slow_queue()
+        t0 = time.perf_counter()
+        try:
+            await b.wait_for_room(1)
+        except Overloaded:
+            return time.perf_counter() - t0
+        raise AssertionError("admitted although the queue never drained")
+
+    async def refused_at_once_with_a_bound() -> float:
+        b = slow_queue(max_queue_images=12)
+        t0 = time.perf_counter()
+        try:
+            await b.wait_for_room(1)
+        except Overloaded:
+            return time.perf_counter() - t0
+        raise AssertionError("admitted past max_queue_images")
+
+    elapsed, waited = asyncio.run(admitted_after_drain())
+    assert 0.15 <= elapsed < 0.45 and abs(waited - elapsed) < 0.05
+    assert 0.4 <= asyncio.run(refused_at_deadline()) < 2.0
+    assert asyncio.run(refused_at_once_with_a_bound()) < 0.1

@@ -129,7 +129,7 @@ async def predict(
         bool, Query(description="return the 32x32 model input as PNG")
     ] = False,
 ) -> Response:
-    plane.admit()  # 429 before reading the body when the queue is already too long
+    await plane.admit()  # 429 before reading the body when the queue is already too long
     t0 = time.perf_counter()
     uploads = await read_uploads(request, settings)
     plane.observe("read_body", PROTOCOL, time.perf_counter() - t0)

@@ -177,7 +177,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         plane = state.plane
         if plane is None:
             raise NotReady()
-        plane.admit()  # RESOURCE_EXHAUSTED before parsing when the queue is too long
+        await plane.admit()  # RESOURCE_EXHAUSTED before parsing when the queue is too long
         t0 = time.perf_counter()
         parsed = parse_grpc_request(
             request,

@@ -160,7 +160,7 @@ async def infer(
 ) -> Response:
     settings = state.settings
     model = served_model(state, name, version)  # 404/400/503 before reading the body
-    plane.admit()  # and 429 when the queue is already too long
+    await plane.admit()  # and 429 when the queue is already too long
     limits = request_limits(settings)
     t0 = time.perf_counter()
     body = await read_body(request, limits.total_bytes, settings.timeout_body)
