@@ -11,6 +11,7 @@ from service.config import Settings
 from service.dataplane.inference import DataPlane
 from service.dataplane.served import ServingModel
 from service.lifecycle.host import ModelHost
+from service.lifecycle.rollout import RolloutController
 from service.metrics import Metrics
 
 
@@ -23,6 +24,7 @@ class ServiceState:
     metrics: Metrics
     host: ModelHost | None = None
     plane: DataPlane | None = None
+    rollout: RolloutController | None = None
     started: float = field(default_factory=time.time)
     #: The port the gRPC server listens on (None: not started); see service.frontends.oip.grpc.
     grpc_port: int | None = None
@@ -30,6 +32,11 @@ class ServiceState:
     @property
     def model(self) -> ServingModel | None:
         return self.host.model if self.host is not None else None
+
+    @property
+    def candidate(self) -> ServingModel | None:
+        """A rollout's candidate, loaded beside the serving model (None: no rollout)."""
+        return self.host.candidate if self.host is not None else None
 
     @property
     def ready(self) -> bool:

@@ -55,6 +55,7 @@ from service.frontends.oip.common import (
     server_metadata_doc,
     signature_of,
 )
+from service.frontends.versions import MODEL_VERSION_HEADER, route_from
 from service.state import ServiceState
 
 log = logging.getLogger("seednet.grpc")
@@ -174,6 +175,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         state = self.state
         served_model(state, request.model_name, request.model_version)
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() or ()}
+        route = route_from(metadata, request.model_version or None)  # (rollouts)
         plane = state.plane
         if plane is None:
             raise NotReady()
@@ -181,7 +184,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         parsed = parse_grpc_request(request, max_batch_size=state.settings.max_images_per_request)
         plane.observe("parse", PROTOCOL, time.perf_counter() - t0)
-        result = await run_inference(plane, parsed, PROTOCOL)
+        result = await run_inference(plane, parsed, PROTOCOL, route)
+        version = result.model.info["version"]
+        await context.send_initial_metadata(((MODEL_VERSION_HEADER.lower(), version),))
         t1 = time.perf_counter()
         response = build_grpc_response(
             parsed,
