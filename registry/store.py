@@ -721,7 +721,7 @@ class Registry:
             target = self._resolve_version(name, str(version))
             before = self.alias_state(name)
             self._check_expected(name, before, expected_token)
-            self._refuse_during_rollout(name, alias)
+            self.refuse_during_rollout(name, alias)
             if before.aliases.get(alias) == target:
                 return  # re-promoting the current target must not add a rollback step
             current = {**before.aliases, alias: target}
@@ -729,7 +729,7 @@ class Registry:
             history.setdefault(alias, []).append(target)
             self._move_aliases(name, before, current, history, target, f"promoting {alias!r}", note)
 
-    def _refuse_during_rollout(self, name: str, alias: str) -> None:
+    def refuse_during_rollout(self, name: str, alias: str) -> None:
         """ConflictError when a running rollout owns ``alias``: it moves the alias itself."""
         running = self.rollout_state(name).running
         if running is not None and running.alias == alias:
@@ -754,7 +754,7 @@ class Registry:
         with self._alias_writing(name):
             before = self.alias_state(name)
             self._check_expected(name, before, expected_token)
-            self._refuse_during_rollout(name, alias)
+            self.refuse_during_rollout(name, alias)
             if alias not in before.aliases:
                 raise NotFoundError(f"alias {alias!r} of {name!r} is not set")
             targets = before.history.get(alias, [])
