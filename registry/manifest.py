@@ -6,14 +6,21 @@ afterwards. Schema history:
 - 1 (no ``schema_version`` key): the first wave's manifests; they also carry a redundant
   ``input_size`` next to ``input.size``, which is read and dropped.
 - 2: ``schema_version`` recorded; ``input_size`` no longer written.
-- 3: a file entry may carry ``location``: the bytes are shared with an earlier version of
-  the same model and live in its folder (``"1/weights.safetensors"``), so they are stored
-  once. Written only by a manifest that shares a file; every other one stays schema 2,
-  which older readers still read.
+- 3: what schema-2 readers must not take for a version they know, either of:
+  a file entry with ``location``: the bytes are shared with an earlier version of the
+  same model and live in its folder (``"1/weights.safetensors"``), so they are stored
+  once; or a calibrated version: ``calibration`` (the temperature inside the served
+  graph), ``ood`` (how ``ood_score`` is computed, the threshold of
+  ``out_of_distribution``, the measured quality per out-of-distribution set), ``int8``
+  (the int8 export published as a version file and its accuracy gate) and the
+  calibration figures in ``metrics``; its exports have a third output, ``ood_score``.
+  Code that reads schema 2 at most refuses such a version by its number instead of
+  serving what it does not know. Any other version is still written as schema 2.
 
 Reading never rewrites a file, so versions published under schema 1 keep their bytes and
 checksums. Keys this code does not know are kept in ``extra`` (and written back by
-``to_dict``), so a newer writer's additions survive.
+``to_dict``), at the top level and inside ``metrics``, so a newer writer's additions
+survive.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from registry.errors import IntegrityError
 # "<version>/<file name>": the same rules as registry.store's names, so it cannot escape.
 _LOCATION_RE = re.compile(r"[0-9]{1,18}/[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-SCHEMA_VERSION = 3  # the newest schema this code reads and writes
-SCHEMA_WITHOUT_SHARED_FILES = 2  # what a manifest that shares no file is written as
+SCHEMA_VERSION = 3  # the newest this code reads and writes (see required_schema)
+PLAIN_SCHEMA = 2  # what a version without shared files or calibration is written as
 
 MANIFEST_FILE = "manifest.json"
 # sha256 of manifest.json's bytes, beside it (``sha256sum -c`` format): the manifest
@@ -47,6 +54,10 @@ EXPORT_FILES: dict[str, str] = {
     "openvino": "model.onnx",
     "onnx-int8": "model.int8.onnx",
 }
+# The int8 export of a calibrated version is a *published* file (it needs calibration and
+# test data to build, so it cannot be derived on a serving host); its gate is in
+# ``manifest.int8``. Another name than the derived ``model.int8.onnx`` of older versions.
+PUBLISHED_INT8_FILE = "int8.onnx"
 
 
 @dataclass(frozen=True)
@@ -125,13 +136,149 @@ class Normalization:
 
 @dataclass(frozen=True)
 class Metrics:
-    """Test-set figures of the trained model (fractions, not percentages)."""
+    """Test-set figures of the trained model (fractions, not percentages).
+
+    Calibration figures (schema 3) are of the served (calibrated) probabilities and of
+    the same network without calibration, on images that fitted nothing:
+    ``ece`` (expected calibration error, ``ece_bins`` equal-width confidence bins),
+    ``nll`` (mean negative log-likelihood of the true class), ``brier`` (mean squared
+    error of the probability vector against the one-hot label, summed over classes).
+    """
 
     test_accuracy: float | None = None
     test_accuracy_flip_tta: float | None = None
     test_loss: float | None = None
     per_class_accuracy: dict[str, float] | None = None
     test_images: int | None = None
+    ece: float | None = None
+    nll: float | None = None
+    brier: float | None = None
+    uncalibrated_ece: float | None = None
+    uncalibrated_nll: float | None = None
+    uncalibrated_brier: float | None = None
+    ece_bins: int | None = None
+    calibration_eval_images: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Metrics:
+        if not isinstance(data, dict):
+            raise ValueError("metrics is not an object")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in data.items() if k in known},
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    @property
+    def calibrated(self) -> bool:
+        return self.ece is not None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling, inside the served graph: ``softmax(logits / temperature)``.
+
+    ``fitted_on`` / ``evaluated_on`` describe the images (never used in training) the
+    temperature was fitted on and the figures in ``metrics`` measured on.
+    """
+
+    method: str
+    temperature: float
+    fitted_on: dict = field(default_factory=dict)
+    evaluated_on: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: object) -> Calibration:
+        d = _object(data, "calibration")
+        temperature = d.get("temperature")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+            raise ValueError("calibration.temperature must be a number")
+        if not temperature > 0:
+            raise ValueError("calibration.temperature must be positive")
+        return cls(
+            method=_str(d.get("method"), "calibration.method"),
+            temperature=float(temperature),
+            fitted_on=dict(d.get("fitted_on") or {}),
+            evaluated_on=dict(d.get("evaluated_on") or {}),
+            details=dict(d.get("details") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class OutOfDistribution:
+    """The ``ood_score`` output and the ``out_of_distribution`` flag.
+
+    ``score`` names the formula (``energy``: ``-logsumexp(logits / T)``), higher
+    meaning less like the training images; an image is flagged when its score is above
+    ``threshold``, chosen on held-out in-distribution images so that ``target_kept`` of
+    them are not flagged. ``kept`` is the share measured on other held-out images, and
+    ``sets`` the measured quality on each out-of-distribution set (AUROC, the false
+    positive rate at 95 % true positives, the share flagged).
+    """
+
+    score: str
+    threshold: float
+    target_kept: float
+    kept: float | None = None
+    fitted_on: dict = field(default_factory=dict)
+    sets: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: object) -> OutOfDistribution:
+        d = _object(data, "ood")
+        return cls(
+            score=_str(d.get("score"), "ood.score"),
+            threshold=_number(d.get("threshold"), "ood.threshold"),
+            target_kept=_number(d.get("target_kept"), "ood.target_kept"),
+            kept=None if d.get("kept") is None else _number(d["kept"], "ood.kept"),
+            fitted_on=dict(d.get("fitted_on") or {}),
+            sets=dict(d.get("sets") or {}),
+            details=dict(d.get("details") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class Int8Gate:
+    """The int8 export built at publish and its accuracy gate.
+
+    ``passed``: int8 test accuracy at most ``max_drop_points`` below fp32 on
+    ``test_images`` images; only then is ``file`` published (a version file, with its
+    sha256 in ``files``), and only then may a server choose it.
+    """
+
+    passed: bool
+    fp32_accuracy: float
+    int8_accuracy: float
+    test_images: int
+    max_drop_points: float
+    file: str | None = None
+    details: dict = field(default_factory=dict)
+
+    @property
+    def drop_points(self) -> float:
+        return (self.fp32_accuracy - self.int8_accuracy) * 100
+
+    @classmethod
+    def from_dict(cls, data: object) -> Int8Gate:
+        d = _object(data, "int8")
+        if not isinstance(d.get("passed"), bool):
+            raise ValueError("int8.passed must be true or false")
+        test_images = d.get("test_images")
+        if not isinstance(test_images, int) or isinstance(test_images, bool):
+            raise ValueError("int8.test_images must be an integer")
+        file = d.get("file")
+        return cls(
+            passed=d["passed"],
+            fp32_accuracy=_number(d.get("fp32_accuracy"), "int8.fp32_accuracy"),
+            int8_accuracy=_number(d.get("int8_accuracy"), "int8.int8_accuracy"),
+            test_images=test_images,
+            max_drop_points=_number(d.get("max_drop_points"), "int8.max_drop_points"),
+            file=None if file is None else _str(file, "int8.file"),
+            details=dict(d.get("details") or {}),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +293,14 @@ class VersionSpec:
     recipe: dict = field(default_factory=dict)
     dataset: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    calibration: Calibration | None = None
+    ood: OutOfDistribution | None = None
+    int8: Int8Gate | None = None
+
+    def required_schema(self) -> int:
+        """The lowest schema that describes this version (see the module docstring)."""
+        calibrated = (self.calibration, self.ood, self.int8) != (None, None, None)
+        return SCHEMA_VERSION if calibrated or self.metrics.calibrated else PLAIN_SCHEMA
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +331,12 @@ class Manifest(VersionSpec):
                 value = {k: v.to_dict() for k, v in value.items()}
             elif f.name == "class_names":
                 value = list(value)
+            elif f.name in ("calibration", "ood", "int8") and value is None:
+                continue  # absent sections stay absent: schema-2 files round-trip
+            elif f.name == "metrics":
+                data = _plain(asdict(value))
+                extra = data.pop("extra")
+                value = {**extra, **{k: v for k, v in data.items() if v is not None or k in _V2}}
             elif hasattr(value, "__dataclass_fields__"):
                 value = _plain(asdict(value))
             out[f.name] = value
@@ -224,10 +385,13 @@ class Manifest(VersionSpec):
                 dtype=str(raw_input.get("dtype", "uint8")),
                 layout=str(raw_input.get("layout", "NCHW RGB")),
             ),
-            "metrics": Metrics(**(d.pop("metrics", None) or {})),
+            "metrics": Metrics.from_dict(d.pop("metrics", None) or {}),
             "recipe": dict(d.pop("recipe", None) or {}),
             "dataset": dict(d.pop("dataset", None) or {}),
             "training": dict(d.pop("training", None) or {}),
+            "calibration": _optional(Calibration, d.pop("calibration", None)),
+            "ood": _optional(OutOfDistribution, d.pop("ood", None)),
+            "int8": _optional(Int8Gate, d.pop("int8", None)),
         }
         if schema < 3 and any(e.location for e in values["files"].values()):
             raise ValueError(f"a file location needs schema_version 3, not {schema}")
@@ -235,6 +399,8 @@ class Manifest(VersionSpec):
             raise ValueError("parent must be a string or null")
         if not isinstance(values["model"].config, dict):
             raise ValueError("model.config is not an object")
+        if (values["calibration"] is None) != (values["ood"] is None):
+            raise ValueError("calibration and ood come together (the graph's third output)")
         return cls(**values, extra=d)
 
     @classmethod
@@ -252,14 +418,34 @@ class Manifest(VersionSpec):
         shares = any(entry.location is not None for entry in files.values())
         return cls(
             **{f.name: getattr(spec, f.name) for f in fields(VersionSpec)},
-            schema_version=SCHEMA_VERSION if shares else SCHEMA_WITHOUT_SHARED_FILES,
             name=name,
             version=version,
             created=created,
             code_revision=code_revision,
             parent=parent,
             files=files,
+            schema_version=SCHEMA_VERSION if shares else spec.required_schema(),
         )
+
+
+# Metrics fields written even when null (what schema-2 versions have always written).
+_V2 = ("test_accuracy", "test_accuracy_flip_tta", "test_loss", "per_class_accuracy", "test_images")
+
+
+def _optional(cls, data: object):
+    return None if data is None else cls.from_dict(data)
+
+
+def _object(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not an object")
+    return value
+
+
+def _number(value: object, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, got {value!r}")
+    return float(value)
 
 
 def _str(value: object, what: str) -> str:

@@ -32,15 +32,24 @@ class Mutant:
     tests: tuple[str, ...]
 
 
-PREPARED = "    return Prepared(mv, backend, registry.open_verified(mv, filename), device)"
+PREPARED = "    candidates = tuple((b, registry.open_verified(mv, EXPORT_FILES[b])) for b in ready)"
+
+
+def _unchecked(backend: str) -> str:
+    """The line above with ``backend``'s export opened straight from disk, unchecked."""
+    return (
+        f"    candidates = tuple((b, mv.path / EXPORT_FILES[b] if b == {backend!r} else "
+        "registry.open_verified(mv, EXPORT_FILES[b])) for b in ready)"
+    )
+
+
 MUTANTS = [
     Mutant(
         "checksum-skipped-torchscript",
         "model.ts is opened without its sha256 check",
-        "service/serving.py",
+        "service/lifecycle/prepare.py",
         PREPARED,
-        "    path = mv.path / filename if backend == 'torchscript' else "
-        "registry.open_verified(mv, filename)\n    return Prepared(mv, backend, path, device)",
+        _unchecked("torchscript"),
         (
             "tests/seednet/test_export.py::test_a_flipped_byte_fails_verify_and_loading",
             "tests/service/test_service.py::test_a_corrupted_version_is_never_promoted_over_http",
@@ -49,16 +58,15 @@ MUTANTS = [
     Mutant(
         "checksum-skipped-onnx",
         "model.onnx is opened without its sha256 check",
-        "service/serving.py",
+        "service/lifecycle/prepare.py",
         PREPARED,
-        "    path = mv.path / filename if backend == 'onnx' else "
-        "registry.open_verified(mv, filename)\n    return Prepared(mv, backend, path, device)",
+        _unchecked("onnx"),
         ("tests/seednet/test_export.py::test_a_flipped_byte_fails_verify_and_loading",),
     ),
     Mutant(
         "checksum-skipped-weights",
         "the weights (eager's file, the exports' source) are not checked",
-        "service/serving.py",
+        "service/lifecycle/prepare.py",
         "    weights = registry.open_verified(mv, WEIGHTS_FILE)",
         "    weights = mv.path / WEIGHTS_FILE",
         ("tests/seednet/test_export.py::test_a_flipped_byte_fails_verify_and_loading",),
@@ -76,11 +84,11 @@ MUTANTS = [
     Mutant(
         "rows-rotated-in-a-batch",
         "requests merged into one batch get each other's rows",
-        "service/batching.py",
-        "        self.stats.on_batch(n_images, seconds)",
-        "        self.stats.on_batch(n_images, seconds)\n"
-        "        if len(batch) > 1:\n"
-        "            probs, att = np.roll(probs, 1, axis=0), np.roll(att, 1, axis=0)",
+        "service/dataplane/batching.py",
+        "        self.stats.on_batch(n_images, seconds, mode)",
+        "        self.stats.on_batch(n_images, seconds, mode)\n"
+        "        if len(live) > 1:\n"
+        "            outputs = {k: np.roll(v, 1, axis=0) for k, v in outputs.items()}",
         (
             "tests/service/test_service.py::"
             "test_64_concurrent_requests_are_batched_and_each_gets_its_own_answer",
@@ -89,23 +97,23 @@ MUTANTS = [
     Mutant(
         "lock-removed",
         "the registry's file lock is never taken",
-        "registry/store.py",
-        "            lock.acquire()",
-        "            pass",
+        "registry/localfs.py",  # LocalStorage.lock, the writers' lock of a local registry
+        "        try:\n            lock.acquire()\n        except filelock.Timeout as e:",
+        "        try:\n            pass\n        except filelock.Timeout as e:",
         ("tests/registry/test_registry.py",),
     ),
     Mutant(
         "class-names-shifted",
         "labels are read one position off the manifest's class order",
-        "service/serving.py",
-        "        classes = list(mv.manifest.class_names)",
-        "        classes = list(mv.manifest.class_names[1:] + mv.manifest.class_names[:1])",
+        "service/lifecycle/loading.py",
+        "    classes = list(mv.manifest.class_names)",
+        "    classes = list(mv.manifest.class_names[1:] + mv.manifest.class_names[:1])",
         ("tests/service/test_service.py::test_predict_matches_the_registry_golden_outputs",),
     ),
     Mutant(
         "pixel-limit-off-by-one",
         "an image of exactly max_pixels is refused",
-        "service/preprocessing.py",
+        "service/dataplane/images.py",
         "    if width * height > limits.max_pixels:",
         "    if width * height >= limits.max_pixels:",
         ("tests/service/test_preprocessing.py",),
@@ -113,7 +121,7 @@ MUTANTS = [
     Mutant(
         "image-count-off-by-one",
         "one image more than SEEDNET_MAX_IMAGES_PER_REQUEST is accepted",
-        "service/uploads.py",
+        "service/frontends/http/bodies.py",
         "        if len(self.uploads) >= self.max_images:",
         "        if len(self.uploads) > self.max_images:",
         ("tests/service/test_service.py::test_too_many_images_is_413",),
@@ -130,27 +138,26 @@ MUTANTS = [
     Mutant(
         "split-request-out-of-order",
         "a request larger than max_batch_size gets its chunks' rows back in the wrong order",
-        "service/batching.py",  # Batcher.submit, where the chunks' results are joined
-        "        model = results[0][1]\n",
-        "        model = results[0][1]\n        results = results[1:] + results[:1]\n",
+        "service/dataplane/batching.py",  # Batcher.submit, where the chunks' rows are joined
+        "        served_by = chunks[0].future.result()\n",
+        "        served_by = chunks[0].future.result()\n        chunks = chunks[1:] + chunks[:1]\n",
         ("tests/service/test_batch_order.py",),
     ),
     Mutant(
         "verify-skips-missing-file",
         "verify passes a version whose published file is missing",
         "registry/store.py",  # Registry._verify_dir, the loop over the manifest's files
-        "        for filename, entry in manifest.files.items():\n"
-        "            problem = check_entry(folder, filename, entry)",
-        "        for filename, entry in manifest.files.items():\n"
-        "            if not (folder / filename).exists():\n"
-        "                continue\n"
-        "            problem = check_entry(folder, filename, entry)",
+        "            problem = self._check_file(name, version, filename, entry)\n"
+        "            if problem:\n                problems.append(problem)\n        try:",
+        "            problem = self._check_file(name, version, filename, entry)\n"
+        "            if problem and not problem.endswith('missing'):\n"
+        "                problems.append(problem)\n        try:",
         ("tests/registry/test_registry.py::test_verify_reports_a_missing_file",),
     ),
     Mutant(
         "admin-token-prefix-accepted",
         "a prefix of the admin token is accepted",
-        "service/deps.py",  # require_admin, the token comparison
+        "service/frontends/http/deps.py",  # require_admin, the token comparison
         "    if not secrets.compare_digest(header[7:].strip().encode(), "
         "settings.admin_token.encode()):",
         "    if not settings.admin_token.encode().startswith(header[7:].strip().encode()):",

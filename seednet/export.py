@@ -3,7 +3,14 @@
 The exported graph is :class:`seednet.graph.InferenceModel`: input ``images`` uint8
 ``[N, 3, 32, 32]`` (dynamic N, RGB), normalisation inside, outputs ``probabilities``
 ``[N, 10]`` (softmax) and ``attention`` ``[N, 7, 2]`` (every block has 2 branches, so
-the attention of all blocks is one tensor, network order on axis 1).
+the attention of all blocks is one tensor, network order on axis 1). A calibrated
+version's graph (:class:`seednet.graph.CalibratedInferenceModel`) divides the logits by
+its temperature first and has a third output, ``ood_score`` fp32 ``[N]``.
+
+Every export carries the graph's metadata (output names, temperature, OOD score): ONNX
+as ``metadata_props`` key ``seednet``, TorchScript as the extra file ``seednet``. It is
+read back from the written files and must equal the graph's, so the temperature in an
+export is the manifest's; the golden-set check proves the graph computes with it.
 
 An export is accepted only if: ``onnx.checker`` passes; an ONNX Runtime CPU session
 (the served settings, ``seednet.runtimes``) runs it; TorchScript loads and runs in a
@@ -18,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,11 +41,10 @@ from safetensors.torch import load_file, save_file
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.errors import ExportError
-from seednet.graph import InferenceModel, inference_model
-from seednet.runtimes import OpenVinoModel, openvino_available, ort_run, ort_session
+from seednet.graph import METADATA_KEY, OUTPUTS, InferenceModel, metadata_json, version_graph
+from seednet.runtimes import OpenVinoModel, openvino_available, ort_outputs, ort_session
 
 TOLERANCE = 1e-4
-OUTPUTS = ("probabilities", "attention")
 CHECK_BATCHES = (1, 64)
 REQUIRED = ("torchscript", "onnx")  # refused together; "openvino" is optional
 # The ONNX exporter's libraries log every pass at INFO: hundreds of lines per export.
@@ -59,6 +67,7 @@ class ExportReport:
     files: dict[str, Path]
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -72,11 +81,13 @@ class ExportReport:
         return verified_backends({"checks": [vars(c) for c in self.checks]})
 
     def table(self) -> str:
-        rows = [f"{'artefact':<14}{'batch':>6}{'probabilities':>16}{'attention':>14}  result"]
+        names = list(self.checks[0].max_abs_diff) if self.checks else list(OUTPUTS)
+        rows = [f"{'artefact':<14}{'batch':>6}" + "".join(f"{n:>16}" for n in names) + "  result"]
         for c in self.checks:
             rows.append(
-                f"{c.artefact:<14}{c.batch:>6}{c.max_abs_diff['probabilities']:>16.2e}"
-                f"{c.max_abs_diff['attention']:>14.2e}  {'ok' if c.passed else 'FAIL'}"
+                f"{c.artefact:<14}{c.batch:>6}"
+                + "".join(f"{c.max_abs_diff[n]:>16.2e}" for n in names)
+                + f"  {'ok' if c.passed else 'FAIL'}"
             )
         rows += [f"note: {n}" for n in self.notes]
         rows += [f"wrote {p}" for p in self.files.values()]
@@ -84,11 +95,16 @@ class ExportReport:
 
     def to_info(self) -> dict:
         """What the registry records about the derived files."""
+        outputs = {"probabilities": ["N", 10], "attention": ["N", "blocks", "L"]}
+        if "ood_score" in self.metadata.get("outputs", []):
+            outputs["ood_score"] = ["N"]
         return {
             "graph": {
                 "input": {"name": "images", "dtype": "uint8", "shape": ["N", 3, 32, 32]},
-                "outputs": {"probabilities": ["N", 10], "attention": ["N", "blocks", "L"]},
+                "outputs": outputs,
                 "normalisation": "inside the graph",
+                # read back from every written file and equal to the graph's own
+                "metadata": self.metadata,
             },
             "checks": [
                 {"artefact": c.artefact, "batch": c.batch, "max_abs_diff": c.max_abs_diff}
@@ -134,20 +150,71 @@ def _onnx_opset(path: Path | None) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _eager(model: InferenceModel, images: torch.Tensor) -> dict[str, np.ndarray]:
+def eager_outputs(model: InferenceModel, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every output of the eager graph by name."""
     with torch.no_grad():
-        probs, att = model(images)
-    return {"probabilities": probs.numpy(), "attention": att.numpy()}
+        outputs = model(images)
+    return {n: t.numpy() for n, t in zip(model.output_names, outputs, strict=True)}
 
 
-def _diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
-    return {k: float(np.abs(a[k] - b[k]).max()) for k in OUTPUTS}
+def _diff(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, float]:
+    missing = sorted(set(reference) - set(got))
+    if missing:
+        raise ExportError(f"the export has no output {', '.join(missing)}")
+    diffs = {}
+    for k in reference:
+        if got[k].shape != reference[k].shape:
+            raise ExportError(f"output {k}: shape {got[k].shape}, expected {reference[k].shape}")
+        diffs[k] = float(np.abs(got[k] - reference[k]).max())
+    return diffs
 
 
 def save_torchscript(model: InferenceModel, path: Path) -> None:
     # Scripting keeps the batch dimension dynamic; freezing folds the weights in.
     scripted = torch.jit.freeze(torch.jit.script(model))
-    scripted.save(str(path))
+    torch.jit.save(scripted, str(path), _extra_files={METADATA_KEY: metadata_json(model)})
+
+
+def set_onnx_metadata(path: Path, metadata: str) -> None:
+    """Write the graph's metadata into an ONNX file's ``metadata_props`` (replacing it)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=metadata)
+    onnx.save(model, str(path))
+
+
+def export_metadata(path: Path) -> dict:
+    """The metadata recorded in an export file ({} when it has none: an older export).
+
+    TorchScript files are zip archives whose extra files live under ``<archive>/extra/``,
+    so this reads one small member instead of loading the model.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    else:
+        with zipfile.ZipFile(path) as archive:
+            member = next(
+                (n for n in archive.namelist() if n.endswith(f"/extra/{METADATA_KEY}")), None
+            )
+            raw = archive.read(member).decode() if member else None
+    return json.loads(raw) if raw else {}
+
+
+def check_metadata(path: Path, expected: dict) -> None:
+    """ExportError unless ``path`` records exactly ``expected`` (the graph's metadata)."""
+    found = export_metadata(path)
+    if found != expected:
+        raise ExportError(
+            f"{path.name} records metadata {found}, the graph it was built from {expected}"
+        )
 
 
 @contextlib.contextmanager
@@ -172,32 +239,44 @@ def save_onnx(model: InferenceModel, path: Path, example: torch.Tensor) -> None:
             (example,),
             str(path),
             input_names=["images"],
-            output_names=list(OUTPUTS),
+            output_names=list(model.output_names),
             dynamic_shapes={"images": {0: batch}},
             dynamo=True,
             external_data=False,  # one self-contained file
             verbose=False,
         )
+    set_onnx_metadata(path, metadata_json(model))
 
 
 _FRESH_PROCESS_RUN = """
-import sys, torch
+import json, sys, torch
 from safetensors.torch import load_file, save_file
 m = torch.jit.load(sys.argv[1], map_location="cpu")
 images = load_file(sys.argv[2])["images"]
 with torch.no_grad():
-    p, a = m(images)
-save_file({"probabilities": p.contiguous(), "attention": a.contiguous()}, sys.argv[3])
+    outputs = m(images)
+names = json.loads(sys.argv[4])
+save_file({n: t.contiguous() for n, t in zip(names, outputs, strict=True)}, sys.argv[3])
 """
 
 
-def _torchscript_in_fresh_process(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+def _torchscript_in_fresh_process(
+    path: Path, images: torch.Tensor, names: tuple[str, ...] = OUTPUTS
+) -> dict[str, np.ndarray]:
     """Load and run the TorchScript file in a new interpreter (no training code imported)."""
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp) / "in.safetensors", Path(tmp) / "out.safetensors"
         save_file({"images": images.contiguous()}, str(inp))
         proc = subprocess.run(
-            [sys.executable, "-c", _FRESH_PROCESS_RUN, str(path), str(inp), str(out)],
+            [
+                sys.executable,
+                "-c",
+                _FRESH_PROCESS_RUN,
+                str(path),
+                str(inp),
+                str(out),
+                json.dumps(list(names)),
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -205,20 +284,18 @@ def _torchscript_in_fresh_process(path: Path, images: torch.Tensor) -> dict[str,
         if proc.returncode != 0:
             raise ExportError(f"TorchScript failed to load in a fresh process: {proc.stderr}")
         got = load_file(str(out))
-    return {k: got[k].numpy() for k in OUTPUTS}
+    return {k: got[k].numpy() for k in names}
 
 
 def _onnx_run(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
     import onnx
 
     onnx.checker.check_model(str(path), full_check=True)
-    probs, att = ort_run(ort_session(path, "cpu"), images.numpy())
-    return {"probabilities": probs, "attention": att}
+    return ort_outputs(ort_session(path, "cpu"), images.numpy())
 
 
 def _openvino_run(path: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
-    probs, att = OpenVinoModel(path).run(images.numpy())
-    return {"probabilities": probs, "attention": att}
+    return OpenVinoModel(path).run_all(images.numpy())
 
 
 def export_and_check(model: InferenceModel, images: torch.Tensor, out_dir: Path) -> ExportReport:
@@ -236,13 +313,21 @@ def export_and_check(model: InferenceModel, images: torch.Tensor, out_dir: Path)
     ts_path, onnx_path = out_dir / ts_name, out_dir / onnx_name
     save_torchscript(model, ts_path)
     save_onnx(model, onnx_path, images[:2])
-    report = ExportReport(files={ts_name: ts_path, onnx_name: onnx_path})
+    expected = json.loads(metadata_json(model))
+    try:
+        for path in (ts_path, onnx_path):
+            check_metadata(path, expected)
+    except ExportError:
+        ts_path.unlink(missing_ok=True)
+        onnx_path.unlink(missing_ok=True)
+        raise
+    report = ExportReport(files={ts_name: ts_path, onnx_name: onnx_path}, metadata=expected)
+    names = model.output_names
     for batch in CHECK_BATCHES:
         x = images[:batch]
-        reference = _eager(model, x)
-        report.checks.append(
-            Check("torchscript", batch, _diff(_torchscript_in_fresh_process(ts_path, x), reference))
-        )
+        reference = eager_outputs(model, x)
+        ts_out = _torchscript_in_fresh_process(ts_path, x, names)
+        report.checks.append(Check("torchscript", batch, _diff(ts_out, reference)))
         report.checks.append(Check("onnx", batch, _diff(_onnx_run(onnx_path, x), reference)))
         if openvino_available():
             try:
@@ -261,21 +346,17 @@ def export_and_check(model: InferenceModel, images: torch.Tensor, out_dir: Path)
 
 
 def golden_set(model: InferenceModel, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Reference inputs and eager fp32 outputs, stored with a published version."""
-    with torch.no_grad():
-        probs, att = model(images)
-    return {
-        "images": images.contiguous(),
-        "probabilities": probs.contiguous(),
-        "attention": att.contiguous(),
+    """Reference inputs and eager fp32 outputs (every output), stored with a version."""
+    outputs = eager_outputs(model, images)
+    return {"images": images.contiguous()} | {
+        k: torch.from_numpy(v).contiguous() for k, v in outputs.items()
     }
 
 
 def served_graph(registry: Registry, mv: ModelVersion) -> InferenceModel:
-    """The eager served graph of a registry version, from its verified weights."""
-    m = mv.manifest
-    weights = registry.open_verified(mv, WEIGHTS_FILE)
-    return inference_model(m.model.config, weights, m.normalization.mean, m.normalization.std)
+    """The eager served graph of a registry version, from its verified weights (calibrated
+    with the manifest's temperature when the version has one)."""
+    return version_graph(mv.manifest, registry.open_verified(mv, WEIGHTS_FILE))
 
 
 def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
@@ -287,7 +368,13 @@ def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
     """
     golden = load_file(str(registry.open_verified(mv, GOLDEN_FILE)))
     model = served_graph(registry, mv)
-    drift = _diff(_eager(model, golden["images"]), {k: golden[k].numpy() for k in OUTPUTS})
+    recorded = {k: v.numpy() for k, v in golden.items() if k != "images"}
+    if set(recorded) != set(model.output_names):
+        raise ExportError(
+            f"{mv.ref}: the golden set records {sorted(recorded)}, the manifest describes a "
+            f"graph with outputs {list(model.output_names)}"
+        )
+    drift = _diff(eager_outputs(model, golden["images"]), recorded)
     if any(v > TOLERANCE for v in drift.values()):
         raise ExportError(
             f"{mv.ref}: the weights do not reproduce the recorded outputs (max abs diff {drift})"
@@ -302,3 +389,24 @@ def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
         f"{mv.ref}: weights reproduce the golden outputs (max abs diff {max(drift.values()):.1e})"
     )
     return report
+
+
+def check_version_metadata(registry: Registry, mv: ModelVersion) -> list[str]:
+    """Problems (empty: none) where an export of ``mv`` records another temperature or OOD
+    score than its manifest: the derived TorchScript and ONNX files and the published int8
+    file, each read back from disk."""
+    m = mv.manifest
+    expected_t = m.calibration.temperature if m.calibration else None
+    expected_ood = m.ood.score if m.ood else None
+    names = list(registry.derived(mv).get("files", {}))
+    if m.int8 is not None and m.int8.file:
+        names.append(m.int8.file)
+    problems = []
+    for name in names:
+        meta = export_metadata(registry.open_verified(mv, name))
+        if meta.get("temperature") != expected_t or meta.get("ood_score") != expected_ood:
+            problems.append(
+                f"{name}: temperature {meta.get('temperature')}, ood_score "
+                f"{meta.get('ood_score')}; the manifest says {expected_t}, {expected_ood}"
+            )
+    return problems

@@ -3,20 +3,43 @@
 :class:`Normalize` is used by training, evaluation and the exported graph alike, so the
 pixels a model was trained on and the pixels it is served cannot drift apart.
 :class:`InferenceModel` is what gets exported: uint8 images in, probabilities and the
-stacked attention out.
+stacked attention out. :class:`CalibratedInferenceModel` (versions with a ``calibration``
+and an ``ood`` section in their manifest) also divides the logits by the fitted
+temperature before the softmax and returns a third output, ``ood_score``: like
+normalisation, calibration lives inside the graph, so every backend and protocol returns
+the same calibrated numbers.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from seednet.constants import CIFAR10_MEAN, CIFAR10_STD
 from seednet.model import SeedNet, SeedNetConfig, build_model
+
+if TYPE_CHECKING:
+    from registry.manifest import Manifest
+
+OUTPUTS = ("probabilities", "attention")
+CALIBRATED_OUTPUTS = (*OUTPUTS, "ood_score")
+# How ``ood_score`` is computed from the logits z and the temperature T; in both, higher
+# means "less like the images the model was trained on". "energy" is the free energy
+# E = -T * logsumexp(z / T) of Liu et al. (2020) divided by T: the same order of images
+# (so the same AUROC and the same flagged images at the matching threshold).
+OOD_SCORES = {
+    "energy": "-logsumexp(z / T)",
+    "max_softmax": "-max(softmax(z / T))",
+}
+# Key of the metadata every export carries (ONNX metadata_props, a TorchScript extra file).
+METADATA_KEY = "seednet"
 
 
 class Normalize(nn.Module):
@@ -58,9 +81,81 @@ class InferenceModel(nn.Module):
         self.normalize = Normalize(mean, std)
         self.model = model
 
+    output_names: tuple[str, ...] = OUTPUTS
+
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         logits, attentions = self.model(self.normalize(images))
         return torch.softmax(logits.float(), dim=1), torch.stack(attentions, dim=1).float()
+
+    def metadata(self) -> dict:
+        """What every export of this graph records about itself (checked after export)."""
+        return {"outputs": list(self.output_names), "temperature": None, "ood_score": None}
+
+
+class CalibratedInferenceModel(InferenceModel):
+    """The served graph of a calibrated version: three outputs.
+
+    - ``probabilities`` ``[N, classes]``: ``softmax(logits / temperature)``; dividing by
+      one positive number never changes the order of the logits, so the top-1 class is
+      the uncalibrated model's;
+    - ``attention`` ``[N, blocks, L]``: as :class:`InferenceModel`;
+    - ``ood_score`` ``[N]`` fp32: :data:`OOD_SCORES` [``ood_score``].
+
+    The temperature is a constant of the graph (folded into every export), and the exports
+    carry it in their metadata too, so it can be compared with the manifest's.
+    """
+
+    output_names = CALIBRATED_OUTPUTS
+
+    def __init__(
+        self,
+        model: SeedNet,
+        temperature: float,
+        ood_score: str = "energy",
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__(model, mean, std)
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if ood_score not in OOD_SCORES:
+            raise ValueError(f"ood_score must be one of {sorted(OOD_SCORES)}, got {ood_score!r}")
+        self.temperature = float(temperature)
+        self.ood_score = ood_score
+        self.energy = ood_score == "energy"
+        self.register_buffer(
+            "scale", torch.tensor(1.0 / self.temperature, dtype=torch.float32), persistent=False
+        )
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        logits, attentions = self.model(self.normalize(images))
+        z = logits.float() * self.scale
+        probs = torch.softmax(z, dim=1)
+        # energy: one ReduceLogSumExp then Neg in ONNX, stable in ONNX Runtime and OpenVINO
+        # (checked with logits in the hundreds); ONNX Runtime's quantisation tools cannot
+        # infer shapes past a hand-written max-subtract-exp, nor past a multiplication
+        # after the ReduceLogSumExp, hence E / T and not E.
+        score = -torch.logsumexp(z, dim=1) if self.energy else -probs.max(dim=1).values
+        return probs, torch.stack(attentions, dim=1).float(), score
+
+    def metadata(self) -> dict:
+        return {
+            "outputs": list(self.output_names),
+            "temperature": self.temperature,
+            "ood_score": self.ood_score,
+        }
+
+
+def metadata_json(graph: InferenceModel) -> str:
+    """The export metadata of ``graph`` as stored in the files (one JSON object)."""
+    return json.dumps(graph.metadata(), sort_keys=True)
+
+
+def out_of_distribution(ood_score: np.ndarray, threshold: float) -> np.ndarray:
+    """The ``out_of_distribution`` flag of each image: its score above the version's
+    threshold (``manifest.ood.threshold``, chosen at publish to keep 95 % of held-out
+    in-distribution test images). The one rule for every caller."""
+    return np.asarray(ood_score) > threshold
 
 
 def model_from_weights(config: dict, weights: Path) -> SeedNet:
@@ -75,9 +170,34 @@ def inference_model(
     weights: Path,
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
+    temperature: float | None = None,
+    ood_score: str = "energy",
 ) -> InferenceModel:
-    """The served graph of a trained network, in eval mode on the CPU."""
-    return InferenceModel(model_from_weights(config, weights), mean, std).eval()
+    """The served graph of a trained network, in eval mode on the CPU; calibrated (three
+    outputs) when a ``temperature`` is given."""
+    model = model_from_weights(config, weights)
+    if temperature is None:
+        return InferenceModel(model, mean, std).eval()
+    return CalibratedInferenceModel(model, temperature, ood_score, mean, std).eval()
+
+
+def version_graph(manifest: Manifest, weights: Path) -> InferenceModel:
+    """The served graph a version's manifest describes (its weights file already verified):
+    calibrated with the manifest's temperature and OOD score when it has them."""
+    calibration, ood = manifest.calibration, manifest.ood
+    return inference_model(
+        manifest.model.config,
+        weights,
+        manifest.normalization.mean,
+        manifest.normalization.std,
+        temperature=calibration.temperature if calibration is not None else None,
+        ood_score=ood.score if ood is not None else "energy",
+    )
+
+
+def served_outputs(manifest: Manifest) -> tuple[str, ...]:
+    """Names of the outputs every export of this version returns, in order."""
+    return CALIBRATED_OUTPUTS if manifest.calibration is not None else OUTPUTS
 
 
 def save_weights(model: SeedNet, path: Path) -> None:

@@ -85,8 +85,17 @@ def ort_session(path: str | Path, device: str = "cpu", threads: int | None = Non
 
 
 def ort_run(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``probabilities`` and ``attention``, by name (also from a calibrated export, whose
+    third output :func:`ort_outputs` returns)."""
     probs, att = session.run(list(OUTPUTS), {"images": images})
     return probs, att
+
+
+def ort_outputs(session, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of the export by name: ``probabilities``, ``attention`` and, for a
+    calibrated version, ``ood_score``."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"images": images}), strict=True))
 
 
 def openvino_available() -> bool:
@@ -112,9 +121,15 @@ class OpenVinoModel:
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self._outputs = [self.compiled.output(name) for name in OUTPUTS]
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # share_outputs=False: the arrays are copies, not views of the request's buffers,
         # so the next batch cannot overwrite an answer that is still being serialised.
         result = self.request.infer({"images": images}, share_outputs=False)
         return result[self._outputs[0]], result[self._outputs[1]]
+
+    def run_all(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output by name (copies, as :meth:`run`)."""
+        result = self.request.infer({"images": images}, share_outputs=False)
+        return {name: result[self.compiled.output(name)] for name in self.output_names}

@@ -23,10 +23,11 @@ from registry import Registry
 from service.config import Settings
 from service.dataplane.batching import Batcher, BatchStats
 from service.dataplane.decoding import DecodePool
+from service.dataplane.explaining import ExplainRunner, Explanations
 from service.dataplane.images import ImageLimits
 from service.dataplane.inference import DataPlane
 from service.dataplane.shadow import ShadowLane
-from service.frontends.api import attention, health, models, predict, rollouts
+from service.frontends.api import attention, explain, health, models, predict, rollouts
 from service.frontends.api.docs import install_docs
 from service.frontends.http.metrics_middleware import install_request_metrics
 from service.frontends.http.rendering import install_error_handlers
@@ -82,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, state.registry, metrics, host, state.plane, shadow, siblings, limits
         )
         state.rollout = controller
+        state.explanations = explanations = build_explanations(settings, metrics, state.plane)
+        host.on_swap(explanations.model_changed)
         await host.load(settings.model_ref)  # a failure here stops start-up, loudly
         tasks = [asyncio.create_task(controller.follow(settings.rollout_poll_s))]
         if settings.alias_poll_seconds:
@@ -102,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
             if grpc_server is not None:
                 await stop_grpc_server(state, grpc_server)
+            await explanations.close()
             decoder.shutdown()
             await batcher.stop()
             metrics.worker_exited(os.getpid())
@@ -129,11 +133,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_request_metrics(app, metrics)
     docs = {"/docs", "/redoc", app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
     app.add_middleware(SecurityHeadersMiddleware, docs_paths=frozenset(p for p in docs if p))
-    for module in (predict, attention, models, rollouts, health, v2):
+    for module in (predict, explain, attention, models, rollouts, health, v2):
         app.include_router(module.router)
     install_docs(app)
     app.mount("/static", StaticFiles(directory=str(PAGE_DIR / "static")), name="static")
     return app
+
+
+def build_explanations(settings: Settings, metrics: Metrics, plane: DataPlane) -> Explanations:
+    """The explanation queue and worker (none when SEEDNET_EXPLAIN=off)."""
+    runner = None
+    if settings.explain != "off":
+        runner = ExplainRunner(
+            metrics, queue=settings.explain_queue, timeout=settings.explain_timeout_s
+        )
+    root = str(settings.registry_root)
+    return Explanations(plane, runner, root, eager=settings.explain == "on")
 
 
 def app_from_environment() -> FastAPI:

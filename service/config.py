@@ -130,6 +130,25 @@ class Settings(BaseSettings):
         "(admission control)",
     )
 
+    explain: Literal["on", "lazy", "off"] = Field(
+        "on",
+        description="explanations (POST /explain, the inference protocol's explain outputs): "
+        "on = their worker process starts with the service; lazy = at the first explanation; "
+        "off = refused",
+    )
+    explain_queue: int = Field(
+        8,
+        ge=0,
+        description="explanation requests that may wait for the explanation worker; more "
+        "are refused with 429 and Retry-After",
+    )
+    explain_timeout_s: float = Field(
+        30,
+        gt=0,
+        description="an explanation request must be answered within this many seconds of "
+        "arriving at the queue (else 503 with Retry-After; one still waiting is never computed)",
+    )
+
     workers: int = Field(1, ge=1, le=64, description="worker processes (each loads the model)")
     alias_poll_s: float = Field(
         0,

@@ -176,6 +176,40 @@ class ModelLoadError(ServiceError):
     code = "model_load_failed"
 
 
+# -- explanations (service.dataplane.explaining) ---------------------------------------
+
+
+class ExplainArgumentError(InvalidRequest):
+    """A class or block number an explanation cannot be made for."""
+
+    code = "invalid_explain_argument"
+
+
+class ExplanationsOff(ServiceError):
+    """This server does not explain (``SEEDNET_EXPLAIN=off``)."""
+
+    code = "explanations_off"
+    default_message = "explanations are turned off on this server (SEEDNET_EXPLAIN=off)"
+
+
+class ExplainQueueFull(Overloaded):
+    """The explanation queue is full; /predict is not affected."""
+
+    code = "explain_queue_full"
+
+
+class ExplainTimeout(DeadlineExceeded):
+    """An explanation was not done within SEEDNET_EXPLAIN_TIMEOUT_S."""
+
+    code = "explain_timeout"
+
+
+class ExplainerUnavailable(ServiceError):
+    """The explanation worker failed (it is restarted for the next request)."""
+
+    code = "explainer_unavailable"
+
+
 @dataclass(frozen=True)
 class Failure:
     """How one kind of error is answered on every protocol."""
@@ -195,6 +229,7 @@ FAILURES: tuple[tuple[type[BaseException], Failure], ...] = (
     (Unauthorized, Failure(401, "UNAUTHENTICATED")),
     (Forbidden, Failure(403, "PERMISSION_DENIED")),
     (ModelNotFound, Failure(404, "NOT_FOUND")),
+    (ExplanationsOff, Failure(404, "NOT_FOUND")),
     (NotFoundError, Failure(404, "NOT_FOUND")),
     (RequestTimeout, Failure(408, "DEADLINE_EXCEEDED")),
     (PayloadTooLarge, Failure(413, "INVALID_ARGUMENT")),
@@ -204,11 +239,16 @@ FAILURES: tuple[tuple[type[BaseException], Failure], ...] = (
     (EmptyFileError, Failure(422, "INVALID_ARGUMENT")),
     (CorruptImageError, Failure(422, "INVALID_ARGUMENT")),
     (ImageError, Failure(400, "INVALID_ARGUMENT")),
+    (ExplainArgumentError, Failure(422, "INVALID_ARGUMENT")),
     (InvalidRequest, Failure(422, "INVALID_ARGUMENT")),
     (InvalidNameError, Failure(422, "INVALID_ARGUMENT")),
     (InvalidRolloutError, Failure(422, "INVALID_ARGUMENT")),
+    (ExplainQueueFull, Failure(429, "RESOURCE_EXHAUSTED", retry=True)),
     (Overloaded, Failure(429, "RESOURCE_EXHAUSTED", retry=True)),
+    (ExplainTimeout, Failure(503, "UNAVAILABLE", retry=True)),
     (DeadlineExceeded, Failure(503, "UNAVAILABLE", retry=True)),
+    # The explanation worker died or could not build its model: logged, retried.
+    (ExplainerUnavailable, Failure(503, "UNAVAILABLE", client=False, retry=True)),
     (NotReady, Failure(503, "UNAVAILABLE", retry=True)),
     (ConflictError, Failure(409, "ABORTED")),
     # The registry needs an operator (repair, a writable folder, a reachable store); the

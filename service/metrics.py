@@ -40,6 +40,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # A rollout compares the p99 of two versions: 25 % steps from 0.5 ms to 10 s, so a ratio
 # is read to within a bucket's width wherever the model time lies.
 VERSION_BUCKETS = tuple(round(0.0005 * 1.25**k, 6) for k in range(45))
+# The winning probability, finest near 1 where most answers are.
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 #: What a rollout decides (service.lifecycle.rollout); every value has a series from the start.
 DECISIONS = ("check", "advance", "promote", "rollback", "abort")
@@ -48,6 +49,12 @@ DECISIONS = ("check", "advance", "promote", "rollback", "abort")
 STATE_SERIES = ("seednet_model_info", "seednet_rollout_info")
 MODEL_INFO = ("name", "version", "backend", "device")
 ROLLOUT_INFO = ("name", "rollout", "stable", "candidate", "step", "state")
+# ood_score = -logsumexp(logits / T): about -10 for a confident answer, -2.3 (= -log 10)
+# for a uniform one; a version's threshold sits between (about -3.7 for seednet@2).
+OOD_BUCKETS = (-12, -10, -8, -7, -6, -5, -4.5, -4, -3.5, -3, -2.5, -2)
+# An explanation takes tens of milliseconds to seconds (gradients, many images).
+EXPLAIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+EXPLAIN_OUTCOMES = ("done", "queue_full", "timeout", "invalid", "failed")
 
 
 def multiprocess_dir() -> str | None:
@@ -127,6 +134,27 @@ class Metrics:
             registry=r,
             multiprocess_mode="liveall",
         )
+        self.confidence = Histogram(
+            "seednet_confidence",
+            "the winning (top-1) probability of every image answered, per model version",
+            ["version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.ood_score = Histogram(
+            "seednet_ood_score",
+            "the out-of-distribution score of every image answered (calibrated versions; "
+            "higher: less like the training images), per model version",
+            ["version"],
+            buckets=OOD_BUCKETS,
+            registry=r,
+        )
+        self.ood_flagged = Counter(
+            "seednet_out_of_distribution",
+            "images flagged out_of_distribution (ood_score above the version's threshold)",
+            ["version"],
+            registry=r,
+        )
         self.model_swaps = Counter("seednet_model_swaps", "serving model replaced", registry=r)
         self.registry_errors = Counter(
             "seednet_registry_errors",
@@ -152,6 +180,39 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Explanations: their own worker process and queue (service.dataplane.explaining).
+        self.explanations = Counter(
+            "seednet_explanations",
+            "explanation requests by outcome: done, queue_full (429), timeout (503), "
+            "invalid (422), failed (503: the worker failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.explain_queue = Gauge(
+            "seednet_explain_queue",
+            "explanation requests waiting for the explanation worker (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.explain_running = Gauge(
+            "seednet_explain_running",
+            "explanation requests the explanation worker is computing (all workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.explain_queue_wait = Histogram(
+            "seednet_explain_queue_wait_seconds",
+            "time an explanation request waits for the explanation worker",
+            buckets=EXPLAIN_BUCKETS,
+            registry=r,
+        )
+        self.explain_seconds = Histogram(
+            "seednet_explain_seconds",
+            "explanation worker time per request (forward, backward, maps encoded)",
+            buckets=EXPLAIN_BUCKETS,
+            registry=r,
+        )
+        self.explain_images = Counter("seednet_explained_images", "images explained", registry=r)
         self._rollout_metrics(r)
 
     def _rollout_metrics(self, r: CollectorRegistry) -> None:
@@ -269,6 +330,20 @@ class Metrics:
         self.stage.labels(stage, protocol).observe(seconds)
         if stage == "queue_wait":
             self.queue_wait.observe(seconds)
+
+    def on_answers(self, version: str, outputs: dict) -> None:
+        """What the answers of one request looked like: confidence, OOD score, flags."""
+        probs = outputs.get("probabilities")
+        if probs is not None and len(probs):
+            for p in probs.max(axis=1).tolist():
+                self.confidence.labels(version).observe(p)
+        scores = outputs.get("ood_score")
+        if scores is not None:
+            for v in scores.tolist():
+                self.ood_score.labels(version).observe(v)
+        flagged = outputs.get("out_of_distribution")
+        if flagged is not None and flagged.any():
+            self.ood_flagged.labels(version).inc(int(flagged.sum()))
 
     def on_queue(self, images: int) -> None:
         self.queue_images.set(images)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from registry import Registry
 from service.config import Settings
+from service.dataplane.explaining import Explanations
 from service.dataplane.inference import DataPlane
 from service.dataplane.served import ServingModel
 from service.lifecycle.host import ModelHost
@@ -25,6 +26,8 @@ class ServiceState:
     host: ModelHost | None = None
     plane: DataPlane | None = None
     rollout: RolloutController | None = None
+    #: Explanations (maps per block and branch), beside the data plane; built by the lifespan.
+    explanations: Explanations | None = None
     started: float = field(default_factory=time.time)
     #: The port the gRPC server listens on (None: not started); see service.frontends.oip.grpc.
     grpc_port: int | None = None

@@ -12,9 +12,11 @@ or browser fails the run with the reason; locally those tests skip and say why.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+
+from registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
@@ -82,6 +86,8 @@ def train_tiny(out: Path, data: Path, seed: int) -> Path:
             device="cpu",
             limit_per_class=10,
             seed=seed,
+            # plain versions (two outputs): what the service's tests serve
+            calibration_fraction=0.0,
         )
     )
     return out
@@ -172,6 +178,10 @@ class LiveServer:
 
         self.sock = bound_socket()
         self.port = self.sock.getsockname()[1]
+        # Explanations start their worker process at the first one (SEEDNET_EXPLAIN=lazy)
+        # unless a test asks otherwise: most servers here never explain, and each worker
+        # would import torch again on a busy machine.
+        overrides = {"explain": "lazy", **overrides}
         self.settings = Settings(host="127.0.0.1", port=self.port, **overrides)
         self.app = create_app(self.settings)
         # The service's own uvicorn settings (timeouts, header deadline), quieter logs.
@@ -221,6 +231,7 @@ def server(served_registry) -> Iterator[LiveServer]:
         max_upload_bytes=2_000_000,
         max_image_pixels=4_000_000,
         grpc_port=0,
+        explain="on",  # the explain tests and the page's
         # bursts of 64 requests on a busy CI machine must not meet admission control
         # (tests/service/test_admission.py and test_conformance.py test it on their own)
         queue_timeout_ms=60_000,
@@ -243,3 +254,46 @@ def golden_1(served_registry) -> dict:
         k: v.numpy()
         for k, v in load_file(str(served_registry / "tiny/1/golden.safetensors")).items()
     }
+
+
+def run_training_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
+@pytest.fixture(scope="session")
+def calibrated(served_registry, cifar_dir, tmp_path_factory):
+    """tiny@1 calibrated into a copy of the served registry: (registry, first, second run)."""
+    tmp = tmp_path_factory.mktemp("calibrate")
+    root = tmp / "models"
+    shutil.copytree(served_registry, root)
+    from training.ood_sets import PROCEDURAL, build_ood_sets
+
+    build_ood_sets(tmp / "ood", per_set=40, sets=PROCEDURAL)
+    args = [
+        "calibrate",
+        "tiny@1",
+        "--root",
+        str(root),
+        "--data",
+        str(cifar_dir),
+        "--ood-sets",
+        str(tmp / "ood"),
+        "--cache",
+        str(tmp / "cache"),
+        "--test-limit-per-class",
+        "10",
+        "--max-drop",
+        "100",  # a one-epoch model: the gate's figures are checked, not its verdict
+        "--shift-per-class",
+        "2",
+        "--register",
+    ]
+    first = run_training_cli(*args)
+    second = run_training_cli(*args)  # a retried publish
+    return Registry(root), first, second

@@ -1,4 +1,5 @@
-"""`python -m training ...`: train, evaluate, pack-data, export, register, quantize."""
+"""`python -m training ...`: train, evaluate, pack-data, export, register, quantize,
+calibrate, ood-sets."""
 
 from __future__ import annotations
 
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="evaluate on the test set every N epochs (and at the end)",
     )
+    t.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.1,
+        help="share of each training class held out of training to fit the version's "
+        "calibration on at --register (default 0.1: 5,000 of 50,000; 0: train on all)",
+    )
     t.add_argument("--register", metavar="NAME", help="publish the run to the registry")
     t.add_argument(
         "--root", default="models", help="registry root for --register (folder or s3://...)"
@@ -190,6 +198,58 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="refuse the int8 export when it is more than this many points below fp32",
     )
+
+    c = sub.add_parser(
+        "calibrate",
+        help="fit a version's temperature and OOD threshold, gate its int8 export, and "
+        "publish the same weights calibrated as a new version (--register)",
+        description="For NAME@VERSION's weights: fit temperature scaling on images the "
+        "network never trained on (the even half of the test set for versions trained on "
+        "every training image, else the version's held-out calibration split), measure "
+        "ECE/NLL/Brier before and after on other images (the odd half), the energy and "
+        "max-softmax OOD scores on the sets under --ood-sets, calibration under blur and "
+        "pixelation, and the int8 export against fp32 on the whole test set. Prints the "
+        "tables; --register publishes NAME@<next> with parent NAME@VERSION.",
+    )
+    c.add_argument("ref", metavar="NAME@VERSION")
+    c.add_argument("--root", default="models", help="registry root")
+    c.add_argument("--data", default=default_source(), help="JPEG folder or packed file")
+    c.add_argument(
+        "--ood-sets",
+        default="data/ood",
+        help="folder built by `ood-sets` (default data/ood; skipped when missing)",
+    )
+    c.add_argument("--cache", default="data/calibration-cache", help="logits cache folder")
+    c.add_argument(
+        "--ood-score",
+        choices=["energy", "max_softmax"],
+        default="energy",
+        help="the score put in the served graph (both are measured)",
+    )
+    c.add_argument("--register", action="store_true", help="publish the calibrated version")
+    c.add_argument(
+        "--alias",
+        help="with --register: point this alias (e.g. production) at the new version when "
+        "no test image changes its top-1 class and the ECE went down",
+    )
+    c.add_argument("--no-int8", action="store_true", help="do not build the int8 export")
+    c.add_argument("--max-drop", type=float, default=0.5, help="int8 gate, accuracy points")
+    c.add_argument("--test-limit-per-class", type=_positive, help="first K test images per class")
+    c.add_argument("--report-dir", type=Path, help="also copy the report and plot here")
+    c.add_argument("--ood-per-set", type=_positive, help="the first K images of each OOD set")
+    c.add_argument(
+        "--shift-per-class",
+        type=_positive,
+        help="blur/pixelate only the first K evaluation images of each class",
+    )
+
+    o = sub.add_parser(
+        "ood-sets",
+        help="build the out-of-distribution image sets (offline, from packaged files)",
+    )
+    o.add_argument("--out", type=Path, default=Path("data/ood"))
+    o.add_argument("--per-set", type=_positive, default=1000, help="images per set (at most)")
+    o.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -228,6 +288,7 @@ def _train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         overrides=dict(args.overrides),
         checkpoint=args.checkpoint,
+        calibration_fraction=args.calibration_fraction,
         **_speed_options(args),
     )
     summary = train(settings)
@@ -377,6 +438,58 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from registry import Registry
+    from training.calibrate import CalibrateSettings, calibrate_version
+
+    registry = Registry(Path(args.root))
+    parent = registry.get(args.ref)
+    ood_dir = Path(args.ood_sets)
+    if not ood_dir.is_dir():
+        print(
+            f"note: {ood_dir} not found, no OOD sets measured (build: python -m training "
+            f"ood-sets --out {ood_dir})",
+            file=sys.stderr,
+        )
+    settings = CalibrateSettings(
+        ood_score=args.ood_score,
+        ood_dir=ood_dir,
+        cache_dir=Path(args.cache),
+        int8=not args.no_int8,
+        max_drop_points=args.max_drop,
+        test_limit_per_class=args.test_limit_per_class,
+        ood_per_set=args.ood_per_set,
+        shift_per_class=args.shift_per_class,
+    )
+    result = calibrate_version(
+        registry,
+        parent,
+        args.data,
+        settings,
+        register=args.register,
+        alias=args.alias,
+        report_dir=args.report_dir,
+    )
+    print(result.table())
+    if "not_promoted" in result.report:
+        print(f"not promoted: {result.report['not_promoted']}")
+    elif "promoted" in result.report:
+        print(f"{result.report['promoted']} -> {result.version.ref}")
+    print(f"done in {result.seconds:.0f} s")
+    return 0
+
+
+def _ood_sets(args: argparse.Namespace) -> int:
+    from training.ood_sets import build_ood_sets
+
+    index = build_ood_sets(args.out, args.per_set, args.seed)
+    for name, info in index["sets"].items():
+        print(f"{name:<16}{info['images']:>6}  {info['description']}")
+    for name, why in index["skipped"].items():
+        print(f"{name:<16} skipped: {why}")
+    return 0
+
+
 def _plain_json(value):
     if isinstance(value, dict):
         return {str(k): _plain_json(v) for k, v in value.items()}
@@ -395,6 +508,8 @@ COMMANDS = {
     "export": _export,
     "register": _register,
     "quantize": _quantize,
+    "calibrate": _calibrate,
+    "ood-sets": _ood_sets,
 }
 
 

@@ -82,6 +82,60 @@ def decode_jpeg_bytes(blobs: Sequence[bytes], workers: int | None = None) -> np.
     return np.stack(arrays).transpose(0, 3, 1, 2).copy()
 
 
+# ----------------------------------------------------------------- the calibration split
+def within_class_index(labels: np.ndarray) -> np.ndarray:
+    """Each image's position among the images of its class, in load order (for the JPEG
+    folder: sorted file names within the class folder)."""
+    labels = np.asarray(labels)
+    index = np.zeros(len(labels), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, y in enumerate(labels.tolist()):
+        index[i] = seen.get(y, 0)
+        seen[y] = index[i] + 1
+    return index
+
+
+def holdout_rule(fraction: float) -> str:
+    return (
+        f"within each class folder (sorted file names), image i is held out when "
+        f"floor((i + 1) * {fraction}) > floor(i * {fraction})"
+    )
+
+
+def holdout_mask(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """The calibration split of a training set: ``fraction`` of each class, spread evenly
+    over the class (image i of a class is held out when floor((i+1)f) > floor(i f): for
+    f = 0.1, images 9, 19, 29, ...). Deterministic, so it is recomputed from the data."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"calibration_fraction must be in [0, 1), got {fraction}")
+    i = within_class_index(labels)
+    return np.floor((i + 1) * fraction) > np.floor(i * fraction)
+
+
+def split_calibration(data: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet]:
+    """(training images, held-out calibration images) of a training split (see
+    :func:`holdout_mask`); the held-out part is empty when ``fraction`` is 0 or the
+    split is too small to hold out one image of a class."""
+    mask = torch.from_numpy(holdout_mask(data.labels.cpu().numpy(), fraction)).to(
+        data.images.device
+    )
+    keep, held = ~mask, mask
+    describe = {k: v for k, v in data.description.items() if k != "count"}
+    train = ImageSet(
+        data.images[keep],
+        data.labels[keep],
+        data.classes,
+        describe | {"count": int(keep.sum()), "calibration_held_out": int(held.sum())},
+    )
+    calibration = ImageSet(
+        data.images[held],
+        data.labels[held],
+        data.classes,
+        describe | {"count": int(held.sum())},
+    )
+    return train, calibration
+
+
 def _take_per_class(labels: Sequence[int], limit: int | None) -> list[int]:
     """Indices of the first ``limit`` items of each class, in their original order."""
     if limit is None:

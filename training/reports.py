@@ -70,3 +70,51 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_reliability(panels: Sequence[tuple[str, dict]], path: Path) -> None:
+    """Reliability diagrams side by side: per confidence bin, the accuracy (bars) against
+    the mean confidence (the diagonal is perfect calibration); the share of images in each
+    bin below. Each panel is (title, ``training.calibrate`` reliability dict)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        2,
+        len(panels),
+        figsize=(4 * len(panels), 5.2),
+        gridspec_kw={"height_ratios": [3, 1]},
+        squeeze=False,
+    )
+    for col, (title, r) in enumerate(panels):
+        ax, ax_n = axes[0][col], axes[1][col]
+        edges = r["edges"]
+        width = edges[1] - edges[0]
+        left = edges[:-1]
+        acc = [a if a is not None else 0.0 for a in r["accuracy"]]
+        conf = [c if c is not None else 0.0 for c in r["confidence"]]
+        filled = [n > 0 for n in r["counts"]]
+        ax.bar(left, acc, width=width, align="edge", edgecolor="black", label="accuracy")
+        gaps = [(c - a) if f else 0.0 for a, c, f in zip(acc, conf, filled, strict=True)]
+        ax.bar(
+            left,
+            gaps,
+            bottom=acc,
+            width=width,
+            align="edge",
+            color="tab:red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title}\nECE {100 * r['ece']:.2f} %", fontsize=9)
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper left", fontsize=7)
+        total = sum(r["counts"]) or 1
+        ax_n.bar(left, [n / total for n in r["counts"]], width=width, align="edge")
+        ax_n.set_xlim(0, 1)
+        ax_n.set_xlabel("confidence (winning probability)")
+        ax_n.set_ylabel("share")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -43,7 +43,9 @@ from training.data import (
     alternating_flips,
     batches,
     flips_for_epoch,
+    holdout_rule,
     load_split,
+    split_calibration,
 )
 from training.ema import WeightEMA, ema_decay_at, ema_due
 from training.evaluation import Evaluation, evaluate, format_table
@@ -84,6 +86,11 @@ class TrainSettings:
     # after the run: time bare training steps on one fixed batch, and record how much of
     # the loop's step time is overhead (data, augmentation, schedule, EMA) in summary.json
     measure_overhead: bool = False
+    # share of each class of the training split held out of training, to fit the
+    # version's calibration on at publication (training.calibrate): 0.1 = 5,000 of the
+    # 50,000 images (every tenth of each class folder); 0 trains on every image (what the
+    # committed @1 versions did). Recorded in config.json and the manifest's dataset.
+    calibration_fraction: float = 0.1
 
     def resolved_recipe(self) -> Recipe:
         base = RECIPES[self.recipe]
@@ -385,11 +392,13 @@ def _setup_device(settings: TrainSettings) -> torch.device:
 def _load_data(
     settings: TrainSettings, device: torch.device, cache: RunCache | None
 ) -> tuple[ImageSet, ImageSet, float]:
-    key = (settings.data, settings.limit_per_class, str(device))
+    key = (settings.data, settings.limit_per_class, settings.calibration_fraction, str(device))
     if cache is not None and key in cache.data:
         return cache.data[key]
     t_data = time.perf_counter()
-    train_set = load_split(settings.data, "train", settings.limit_per_class).to(device)
+    train_set = load_split(settings.data, "train", settings.limit_per_class)
+    train_set, _ = split_calibration(train_set, settings.calibration_fraction)  # fitted at publish
+    train_set = train_set.to(device)
     test_set = load_split(settings.data, "test", settings.limit_per_class).to(device)
     loaded = (train_set, test_set, time.perf_counter() - t_data)
     if cache is not None:
@@ -468,6 +477,12 @@ def setup(settings: TrainSettings, cache: RunCache | None = None) -> Run:
             "train": train_set.description,
             "test": test_set.description,
             "name": "CIFAR-10",
+            "calibration": {
+                "split": "train",
+                "fraction": settings.calibration_fraction,
+                "rule": holdout_rule(settings.calibration_fraction),
+                "images": train_set.description.get("calibration_held_out", 0),
+            },
         },
         "class_names": list(train_set.classes),
         "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},

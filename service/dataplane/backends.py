@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from registry import ModelVersion
-from seednet.runtimes import OUTPUTS, OpenVinoModel, ort_session
+from seednet.graph import CALIBRATED_OUTPUTS
+from seednet.runtimes import OpenVinoModel, ort_session
 from service.errors import ModelLoadError
 
 log = logging.getLogger("seednet.backends")
@@ -48,10 +49,13 @@ class Backend(Protocol):
 
 
 def _named(values) -> Outputs:
-    """A TorchScript/eager graph's output tuple by name (the export's output order)."""
-    if len(values) > len(OUTPUTS):
-        raise ModelLoadError(f"the graph returns {len(values)} outputs; known: {OUTPUTS}")
-    return {name: v.float().cpu().numpy() for name, v in zip(OUTPUTS, values, strict=False)}
+    """A TorchScript/eager graph's output tuple by name (the export's output order:
+    ``probabilities``, ``attention``, then ``ood_score`` in calibrated versions)."""
+    if len(values) > len(CALIBRATED_OUTPUTS):
+        raise ModelLoadError(
+            f"the graph returns {len(values)} outputs; known: {CALIBRATED_OUTPUTS}"
+        )
+    return {n: v.float().cpu().numpy() for n, v in zip(CALIBRATED_OUTPUTS, values, strict=False)}
 
 
 class _CudaGraphs:
@@ -194,9 +198,7 @@ def open_backend(
         module = torch.jit.load(str(path), map_location=device)
         return TorchBackend(module, "torchscript", device, cuda_graphs, threads)
     if kind == "eager":
-        from seednet.graph import inference_model
+        from seednet.graph import version_graph  # the version's graph: its temperature too
 
-        m = mv.manifest
-        model = inference_model(m.model.config, path, m.normalization.mean, m.normalization.std)
-        return TorchBackend(model, "eager", device, cuda_graphs, threads)
+        return TorchBackend(version_graph(mv.manifest, path), "eager", device, cuda_graphs, threads)
     raise ModelLoadError(f"unknown backend {kind!r}; expected one of {', '.join(BACKENDS)}")

@@ -96,16 +96,16 @@ class BatchStats:
 class ServiceRate:
     """Seconds of model time per image at the batch sizes a queue drains with.
 
-    Starts from the load-time measurement and follows the batches that ran: an
-    exponential average over batches of at least a quarter of ``max_batch_size`` (small
-    batches cost more per image and say nothing about how fast a queue drains).
+    Until a batch of at least a quarter of ``max_batch_size`` has run, the batcher uses
+    the model's load-time measurement; then an exponential average over such batches
+    (small batches cost more per image and say nothing about how fast a queue drains).
     """
 
     seconds_per_image: float = 0.0
     samples: int = field(default=0)
 
     def observe(self, images: int, seconds: float, full: int) -> None:
-        if images * 4 < full and self.samples:
+        if images * 4 < full:
             return
         per_image = seconds / images
         self.seconds_per_image = (

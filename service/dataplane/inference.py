@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from seednet.graph import out_of_distribution
 from service.dataplane.backends import Outputs
 from service.dataplane.batching import Batcher
 from service.dataplane.decoding import DecodePool, decode_files
@@ -85,6 +86,15 @@ class DataPlane:
         """A front end's own stage (``read_body``, ``parse``, ``serialise``)."""
         self.metrics.observe_stage(stage, protocol, seconds)
 
+    async def decode(self, files: Sequence[ImageFile], protocol: str) -> list[PreparedImage]:
+        """Uploads as model inputs, on the decode pool, within the request's limits (the
+        ``decode`` stage); what :meth:`infer` does with files, for other consumers of
+        the images (explanations)."""
+        t0 = time.perf_counter()
+        images = await decode_files(self.decoder, files, self.limits)
+        self.metrics.observe_stage("decode", protocol, time.perf_counter() - t0)
+        return images
+
     async def infer(
         self,
         *,
@@ -107,9 +117,7 @@ class DataPlane:
         canary = model is None and split.canary(route.key)
         images = None
         if files is not None:
-            t0 = time.perf_counter()
-            images = await decode_files(self.decoder, files, self.limits)
-            self.metrics.observe_stage("decode", protocol, time.perf_counter() - t0)
+            images = await self.decode(files, protocol)
             pixels = np.stack([p.array for p in images])
         assert pixels is not None
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != PIXEL_SHAPE:
@@ -124,7 +132,9 @@ class DataPlane:
             result = await self._run(pixels, model, serving)
         self.metrics.observe_stage("queue_wait", protocol, result.queue_wait)
         self.metrics.observe_stage("model", protocol, result.model_seconds)
-        probabilities = result.outputs.get("probabilities")
+        outputs = with_ood_flag(result.outputs, result.model)
+        self.metrics.on_answers(result.model.version.version, outputs)
+        probabilities = outputs.get("probabilities")
         if probabilities is not None:
             self.metrics.on_version_answer(
                 result.model.info, "live", probabilities, result.model_seconds
@@ -133,7 +143,7 @@ class DataPlane:
             by_stable = candidate is not None and result.model is not candidate
             if by_stable and self.shadow is not None and split.shadow():
                 self.shadow.offer(pixels, probabilities, result.model, candidate)
-        return Inference(result.outputs, result.model, images)
+        return Inference(outputs, result.model, images)
 
     async def _run(self, pixels: np.ndarray, model: ServingModel | None, serving: ServingModel):
         """Through the batcher; a failed forward pass is counted for its version."""
@@ -161,3 +171,12 @@ class DataPlane:
             return result
         self.metrics.on_version_error(candidate.info, "live")
         return await self._run(pixels, None, self.current_model())
+
+
+def with_ood_flag(outputs: Outputs, model: ServingModel) -> Outputs:
+    """``out_of_distribution`` (bool per image) beside a calibrated graph's ``ood_score``,
+    at the threshold published with the version; outputs unchanged for other versions."""
+    threshold = model.ood_threshold
+    if threshold is None or "ood_score" not in outputs:
+        return outputs
+    return {**outputs, "out_of_distribution": out_of_distribution(outputs["ood_score"], threshold)}

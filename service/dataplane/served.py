@@ -25,6 +25,13 @@ class ServingModel:
     seconds_per_image: float = 0.0
 
     @property
+    def ood_threshold(self) -> float | None:
+        """``ood_score`` above this is ``out_of_distribution`` (calibrated versions only:
+        chosen at publication to keep 95 % of held-out test images)."""
+        ood = self.version.manifest.ood
+        return ood.threshold if ood is not None and "ood_score" in self.output_dims else None
+
+    @property
     def attention_dims(self) -> tuple[int, ...]:
         """Per-image shape of the attention output: (blocks, branches)."""
         return self.output_dims.get("attention", (7, 2))

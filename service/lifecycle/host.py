@@ -51,6 +51,12 @@ class ModelHost:
         self._swap_lock = asyncio.Lock()
         #: Set to check the alias now rather than at the next poll (a sibling moved it).
         self.check_now = asyncio.Event()
+        self._on_swap: list[Callable[[ServingModel], None]] = []
+
+    def on_swap(self, listener: Callable[[ServingModel], None]) -> None:
+        """Call ``listener(model)`` each time a model starts serving (the first included),
+        right after the swap: what keeps per-version state (explainers) in step."""
+        self._on_swap.append(listener)
 
     def current(self) -> ServingModel:
         """The serving model; :class:`NotReady` (503) while none is loaded yet."""
@@ -105,6 +111,9 @@ class ModelHost:
         if previous is not None and previous is not model:
             self.metrics.model_swaps.inc()
         log.info("serving %s on %s/%s", model.ref, model.info["backend"], model.info["device"])
+        if previous is not model:
+            for listener in self._on_swap:
+                listener(model)
 
     async def swap(self, model: ServingModel) -> None:
         """Serve ``model`` (loaded already, e.g. the candidate) from the next batch on."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.device import DeviceError, resolve_device
-from seednet.export import verified_backends
+from seednet.export import check_version_metadata, verified_backends
 from seednet.runtimes import openvino_available
 from service.dataplane.backends import BACKENDS
 from service.errors import ModelLoadError
@@ -112,6 +112,9 @@ def prepare(
         build_exports(registry, mv)
         log.info("exports of %s built and verified in %.1fs", mv.ref, time.perf_counter() - t0)
     verified = _verified(registry, mv)
+    problems = check_version_metadata(registry, mv)
+    if problems:  # an export of another temperature than the manifest's: never serve it
+        raise ModelLoadError(f"{mv.ref}: its exports disagree with its manifest: {problems}")
     ready = [b for b in wanted if b in verified]
     if not ready:
         hint = (
@@ -158,8 +161,14 @@ def _verified(registry: Registry, mv: ModelVersion) -> set[str]:
 
 
 def _int8_gate(registry: Registry, mv: ModelVersion) -> Path | None:
-    """The verified int8 export when it passed its accuracy gate (recorded by the tool that
-    built it: int8 within ``max_drop_points`` of fp32 on the test set), else None."""
+    """The verified int8 export when it passed its accuracy gate (int8 within
+    ``max_drop_points`` of fp32 on the test set), else None: the one published with the
+    version (``manifest.int8``), or one built later by ``training quantize`` (exports.json)."""
+    published = mv.manifest.int8
+    if published is not None:
+        if not published.passed or not published.file:
+            return None
+        return registry.open_verified(mv, published.file)
     derived = registry.derived(mv)
     gate = derived.get("int8")
     if EXPORT_FILES["onnx-int8"] not in derived.get("files", {}) or not isinstance(gate, dict):
@@ -171,7 +180,11 @@ def _int8_gate(registry: Registry, mv: ModelVersion) -> Path | None:
 
 
 def _int8_artefact(registry: Registry, mv: ModelVersion) -> Path:
-    """The accepted int8 export; built only by `python -m training quantize` (needs data)."""
+    """The accepted int8 export: published with the version, or built by
+    `python -m training quantize` (it needs data, so the service never builds it)."""
+    gated = _int8_gate(registry, mv)
+    if gated is not None:
+        return gated
     derived = registry.derived(mv)
     filename = EXPORT_FILES["onnx-int8"]
     if filename not in derived.get("files", {}) or "int8" not in derived:

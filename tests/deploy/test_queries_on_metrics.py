@@ -3,7 +3,7 @@ labels that a real service exports.
 
 A real uvicorn on loopback serves the tiny model; real requests go through /predict, the
 v2 HTTP protocol (tritonclient.http) and gRPC (tritonclient.grpc), including a refused
-upload and a request refused by admission control, so that every metric family has
+upload, a request refused by admission control and an explanation, so that every metric family has
 samples, then /metrics is read as Prometheus would scrape it.
 """
 
@@ -54,6 +54,10 @@ def exposition_text(served_registry) -> str:
                 assert r.status_code == 200, r.text
             r = http.post("/predict", files={"file": ("a.txt", text_file())})
             assert r.status_code == 415, r.text
+            r = http.post(
+                "/explain", params={"blocks": "7"}, files={"file": ("a.jpg", noise_jpeg())}
+            )
+            assert r.status_code == 200, r.text  # (starts the explanation worker: lazy)
             five = [("files", (f"{i}.jpg", noise_jpeg(seed=i))) for i in range(5)]
             r = http.post("/predict", files=five)
             assert r.status_code == 429, r.text

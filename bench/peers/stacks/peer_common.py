@@ -45,7 +45,8 @@ def decode(data: bytes) -> np.ndarray:
 def run_model(model: torch.jit.ScriptModule, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, 3, 32, 32] -> (probabilities [N, 10], attention [N, blocks, L])."""
     with torch.inference_mode():
-        probs, attention = model(torch.from_numpy(batch))
+        # (calibrated versions add a third output, ood_score: the peers return the first two)
+        probs, attention = model(torch.from_numpy(batch))[:2]
     return probs.numpy(), attention.numpy()
 
 

@@ -23,6 +23,7 @@ async def attention_page(request: Request, state: State) -> HTMLResponse:
             "model": model.info if model is not None else {},
             "classes": model.class_names if model is not None else [],
             "max_upload_bytes": state.settings.max_upload_bytes,
+            "explain_enabled": state.explanations is not None and state.explanations.enabled,
         },
     )
 

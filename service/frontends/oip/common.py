@@ -44,9 +44,19 @@ from service.dataplane.inference import DataPlane, Inference
 from service.dataplane.served import ServingModel
 from service.dataplane.traffic import NO_ROUTE, Route
 from service.errors import ModelNotFound, ModelNotServed, NotReady
-from service.frontends.oip.codec.metadata import model_config, model_metadata, server_metadata
+from service.frontends.oip.codec.metadata import (
+    EXPLAIN_EXTENSION,
+    EXTENSIONS,
+    model_config,
+    model_metadata,
+    server_metadata,
+)
 from service.frontends.oip.codec.request import InferRequest
-from service.frontends.oip.codec.signature import ModelSignature, seednet_signature
+from service.frontends.oip.codec.signature import (
+    EXPLAIN_PARAMETERS,
+    ModelSignature,
+    seednet_signature,
+)
 from service.state import ServiceState
 
 SERVER_NAME = "seednet"
@@ -89,13 +99,17 @@ def server_version() -> str:
 
 
 @lru_cache(maxsize=8)
-def _signature(labels: tuple[str, ...], attention_dims: tuple[int, ...]) -> ModelSignature:
-    return seednet_signature(labels, attention_dims)
+def _signature(
+    labels: tuple[str, ...], attention_dims: tuple[int, ...], ood: bool
+) -> ModelSignature:
+    return seednet_signature(labels, attention_dims, ood)
 
 
 def signature_of(model: ServingModel) -> ModelSignature:
-    """The protocol signature of a loaded model (its class names and attention shape)."""
-    return _signature(tuple(model.class_names), tuple(model.attention_dims))
+    """The protocol signature of a loaded model (its class names, attention shape, and
+    the out-of-distribution outputs of a calibrated version)."""
+    ood = model.ood_threshold is not None
+    return _signature(tuple(model.class_names), tuple(model.attention_dims), ood)
 
 
 def served_model(state: ServiceState, name: str, version: str | None) -> ServingModel:
@@ -147,9 +161,27 @@ def registry_versions(state: ServiceState, model: ServingModel) -> list[str]:
 ADVERTISED_INPUTS = ("images",)
 
 
-def server_metadata_doc() -> dict[str, Any]:
-    """``GET /v2`` / ``ServerMetadata``."""
-    return server_metadata(SERVER_NAME, server_version())
+def explains(state: ServiceState) -> bool:
+    return state.explanations is not None and state.explanations.enabled
+
+
+def server_metadata_doc(state: ServiceState | None = None) -> dict[str, Any]:
+    """``GET /v2`` / ``ServerMetadata``; ``explain`` among the extensions when on."""
+    extensions = (*EXTENSIONS, EXPLAIN_EXTENSION) if state and explains(state) else EXTENSIONS
+    return server_metadata(SERVER_NAME, server_version(), extensions)
+
+
+def explain_metadata(model: ServingModel) -> dict[str, Any]:
+    """What REST model metadata says of the explain extension (gRPC's message has no room)."""
+    return {
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": [-1, *t.dims]}
+            for t in signature_of(model).on_request
+        ],
+        "parameters": EXPLAIN_PARAMETERS,
+        "note": "returned only when named; the -1 after the batch dimension is the number "
+        "of blocks asked for",
+    }
 
 
 def model_metadata_doc(state: ServiceState, model: ServingModel) -> dict[str, Any]:
@@ -164,6 +196,8 @@ def model_metadata_doc(state: ServiceState, model: ServingModel) -> dict[str, An
         inputs=ADVERTISED_INPUTS,
     )
     doc["served_version"] = model.info["version"]
+    if explains(state):
+        doc["explain"] = explain_metadata(model)
     doc["note"] = (
         "versions lists the registry's versions; this service serves one version at a "
         "time, served_version. Besides images, the model accepts image_bytes (BYTES [N]: "

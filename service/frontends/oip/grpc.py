@@ -36,6 +36,7 @@ from service.errors import (
     public_message,
     retry_after,
 )
+from service.frontends.oip import explain
 from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
 from service.frontends.oip.codec import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.frontends.oip.codec.grpc_codec import (
@@ -50,7 +51,6 @@ from service.frontends.oip.common import (
     model_config_doc,
     model_metadata_doc,
     request_limits,
-    run_inference,
     served_model,
     server_metadata_doc,
     signature_of,
@@ -157,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context
     ) -> pb.ServerMetadataResponse:
-        return server_metadata_response(server_metadata_doc())
+        return server_metadata_response(server_metadata_doc(self.state))
 
     @_rpc
     async def ModelMetadata(
@@ -184,7 +184,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         parsed = parse_grpc_request(request, max_batch_size=state.settings.max_images_per_request)
         plane.observe("parse", PROTOCOL, time.perf_counter() - t0)
-        result = await run_inference(plane, parsed, PROTOCOL, route)
+        result = await explain.infer(state, parsed, PROTOCOL, route)  # (explain outputs when named)
         version = result.model.info["version"]
         await context.send_initial_metadata(((MODEL_VERSION_HEADER.lower(), version),))
         t1 = time.perf_counter()

@@ -32,6 +32,7 @@ from service.errors import BadRequest, PayloadTooLarge, log_failure
 from service.frontends.http.bodies import receive_body
 from service.frontends.http.deps import PlaneDep, State
 from service.frontends.http.rendering import v2_error, v2_error_response
+from service.frontends.oip import explain
 from service.frontends.oip.codec.rest import (
     INFERENCE_HEADER_CONTENT_LENGTH,
     build_rest_response,
@@ -42,7 +43,6 @@ from service.frontends.oip.common import (
     model_config_doc,
     model_metadata_doc,
     request_limits,
-    run_inference,
     served_model,
     server_metadata_doc,
     signature_of,
@@ -119,8 +119,8 @@ def model_route(method: str, suffix: str, summary: str):
 
 
 @router.get("", summary="Server metadata: name, version, protocol extensions")
-async def server_metadata() -> dict:
-    return server_metadata_doc()
+async def server_metadata(state: State) -> dict:
+    return server_metadata_doc(state)
 
 
 @router.get("/health/live", summary="The server is live")
@@ -179,7 +179,7 @@ async def infer(
     )
     parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
     plane.observe("parse", PROTOCOL, time.perf_counter() - t1)
-    result = await run_inference(plane, parsed, PROTOCOL, route)
+    result = await explain.infer(state, parsed, PROTOCOL, route)  # (explain outputs when named)
     t2 = time.perf_counter()
     response = build_rest_response(
         parsed,

@@ -15,6 +15,19 @@
  *   #attention-chart [data-block]  one group per block; inside, .att-bar[data-weight]
  *                                  per branch (and .att-ghost[data-typical] when the
  *                                  reference is available; group gets data-unusual="true")
+ *
+ * Explanations (POST /explain, when the server has them on):
+ *   #app[data-explain-state]       idle | busy | ready | error | off
+ *   #app[data-explain-target]      the class index the maps explain
+ *   #app[data-explain-block]       the map shown: "block-N" or "macro-M"
+ *   #explain-class                 <select>, option value = class index
+ *   #explain-block-options input[name=explain-block]   one radio per map (value as above)
+ *   #overlay-original, #overlay-input   the chosen map (PNG data URL) over each image
+ *   #explain-show, #explain-opacity     show / hide the heat maps, their opacity
+ *   #attention-chart [data-block] .branch-map[data-branch] img.heat-overlay
+ *                                  where each branch's weighted output is strong
+ *   #attention-chart [data-block] .att-share[data-shares]   gradient-weighted shares (JSON)
+ *   #explain-error[role=alert]     the explanation's error (the prediction stays)
  */
 (function () {
   "use strict";
@@ -30,6 +43,8 @@
     referenceUrl: app.dataset.referenceUrl || "/attention/reference",
     maxBytes: parseInt(app.dataset.maxUploadBytes, 10) || 0,
     classes: parseJson(app.dataset.classes, []),
+    explainUrl: app.dataset.explainUrl || "/explain",
+    explainEnabled: app.dataset.explainEnabled === "true",
   };
 
   var el = {
@@ -48,12 +63,38 @@
     attChart: byId("attention-chart"),
     attLegend: byId("attention-legend"),
     attSummary: byId("attention-summary"),
+    originalFrame: byId("original-frame"),
+    overlayOriginal: byId("overlay-original"),
+    overlayInput: byId("overlay-input"),
+    explainPanel: byId("explain-panel"),
+    explainStatus: byId("explain-status"),
+    explainClass: byId("explain-class"),
+    explainShow: byId("explain-show"),
+    explainOpacity: byId("explain-opacity"),
+    explainBlocks: byId("explain-blocks"),
+    explainOptions: byId("explain-block-options"),
+    explainCaption: byId("explain-caption"),
+    explainError: byId("explain-error"),
+    explainErrorText: byId("explain-error-text"),
+    explainRetry: byId("explain-retry"),
   };
 
   var currentRequest = null; // AbortController of the upload in flight
   var requestSeq = 0;
   var previewUrl = null;
   var referencePromise = null;
+
+  // Explanations: the file and prediction they belong to, the answer, the map shown.
+  var explain = {
+    file: null,
+    predicted: null,     // class index the model predicts for the file
+    modelInput: null,    // the 32x32 input (data URL) the thumbnails are drawn on
+    request: null,       // AbortController of the explanation in flight
+    seq: 0,
+    result: null,        // explanations[0] of the last answer
+    selected: null,      // "block-N" | "macro-M"
+    target: null,        // class asked for (null: the predicted one)
+  };
 
   // ---------------------------------------------------------------- helpers
 
@@ -191,6 +232,7 @@
     }
 
     if (currentRequest) currentRequest.abort();
+    resetExplanations();
     var ctrl = new AbortController();
     currentRequest = ctrl;
     var seq = ++requestSeq;
@@ -308,7 +350,9 @@
 
     renderProbabilities(pred);
     var blocks = Array.isArray(pred.attention) ? pred.attention.length : 0;
+    explain.modelInput = pred.model_input || null;
     renderAttention(pred, typicalFor(ref, pred.label, model, blocks));
+    if (cfg.explainEnabled && el.explainPanel) beginExplanations(file, pred);
 
     el.results.hidden = false;
     app.classList.add("has-results");
@@ -408,7 +452,20 @@
         }
         var spoken = "branch " + branch + ": " + formatWeight(w) + " for this image" +
           (t !== null ? ", " + formatWeight(t) + " " + typical.label : "");
-        return h("div", { className: "att-bar-row" }, [
+        var map = null;
+        if (cfg.explainEnabled && el.explainPanel) {
+          map = h("span", {
+            className: "branch-map thumb is-empty",
+            "data-branch": branch,
+            role: "img",
+            "aria-label": "block " + n + ", branch " + branch + ": where its output is strong (loading)",
+          }, [
+            explain.modelInput ? h("img", { className: "base", src: explain.modelInput, alt: "" }) : null,
+            h("img", { className: "heat-overlay", alt: "" }),
+          ]);
+        }
+        return h("div", { className: "att-bar-row" + (map ? " has-map" : "") }, [
+          map,
           h("span", { className: "att-branch-label", text: "branch " + branch }),
           h("div", { className: "att-track", role: "img", "aria-label": spoken }, trackChildren),
           h("span", { className: "att-value", "aria-hidden": "true" }, [
@@ -447,6 +504,7 @@
         h("div", { className: "att-block-label", id: labelId, text: "block " + n }),
         h("div", { className: "att-bars" }, bars),
         h("p", { className: "att-hint", text: hintText }),
+        cfg.explainEnabled && el.explainPanel ? h("p", { className: "att-share" }) : null,
       ]));
     });
 
@@ -490,6 +548,278 @@
     } else {
       apply();
     }
+  }
+
+  // ---------------------------------------------------------------- explanations
+
+  function setExplainState(state) {
+    app.dataset.explainState = state;
+    if (el.explainPanel) el.explainPanel.setAttribute("aria-busy", state === "busy" ? "true" : "false");
+  }
+
+  function resetExplanations() {
+    if (explain.request) explain.request.abort();
+    explain.request = null;
+    explain.seq += 1;
+    explain.result = null;
+    explain.target = null;
+    [el.overlayOriginal, el.overlayInput].forEach(function (o) {
+      if (!o) return;
+      o.hidden = true;
+      o.removeAttribute("src");
+    });
+    if (!el.explainPanel) return;
+    el.explainOptions.replaceChildren();
+    el.explainCaption.textContent = "";
+    el.explainError.hidden = true;
+    el.explainStatus.textContent = "";
+    delete app.dataset.explainTarget;
+    delete app.dataset.explainBlock;
+    setExplainState("idle");
+  }
+
+  function beginExplanations(file, pred) {
+    explain.file = file;
+    var probs = pred.probabilities || {};
+    explain.predicted = cfg.classes.indexOf(pred.label);
+    // The class selector: every class, the predicted one first in meaning, not in order.
+    var options = cfg.classes.map(function (c, i) {
+      var p = isNum(probs[c]) ? " · " + formatPercent(probs[c]) : "";
+      return h("option", {
+        value: String(i),
+        text: c + p + (i === explain.predicted ? " (predicted)" : ""),
+      });
+    });
+    el.explainClass.replaceChildren.apply(el.explainClass, options);
+    el.explainClass.value = String(explain.predicted);
+    el.explainClass.disabled = false;
+    requestExplanation(null);
+  }
+
+  function requestExplanation(target) {
+    if (!explain.file) return;
+    if (explain.request) explain.request.abort();
+    var ctrl = new AbortController();
+    explain.request = ctrl;
+    var seq = ++explain.seq;
+    explain.target = target;
+
+    setExplainState("busy");
+    el.explainError.hidden = true;
+    el.explainStatus.textContent = "Computing the heat maps…";
+
+    var url = new URL(cfg.explainUrl, window.location.href);
+    url.searchParams.set("encoding", "png");
+    url.searchParams.set("branch_maps", "strength");
+    if (target !== null) url.searchParams.set("class", String(target));
+    var body = new FormData();
+    body.append("file", explain.file, explain.file.name || "upload");
+
+    fetch(url.toString(), {
+      method: "POST",
+      body: body,
+      headers: { Accept: "application/json" },
+      signal: ctrl.signal,
+    })
+      .then(function (resp) {
+        return resp.text().then(function (text) {
+          var data = parseJson(text, null);
+          if (!resp.ok) {
+            var err = new ApiError(errorMessage(resp, data), data && data.error && data.error.code);
+            err.retryAfter = parseInt(resp.headers.get("Retry-After"), 10) || null;
+            throw err;
+          }
+          if (!data || !Array.isArray(data.explanations) || !data.explanations.length) {
+            throw new ApiError("The service returned an unexpected explanation.");
+          }
+          return data;
+        });
+      })
+      .then(function (data) {
+        if (seq !== explain.seq) return;
+        explain.result = data.explanations[0];
+        renderExplanation();
+      })
+      .catch(function (err) {
+        if (seq !== explain.seq || (err && err.name === "AbortError")) return;
+        if (err instanceof ApiError && err.code === "explanations_off") {
+          setExplainState("off");
+          el.explainPanel.hidden = true;
+          return;
+        }
+        var message = err instanceof ApiError ? err.message
+          : "Could not reach the service for the heat maps.";
+        if (err && err.retryAfter) message += " (try again in " + err.retryAfter + " s)";
+        el.explainErrorText.textContent = message;
+        el.explainError.hidden = false;
+        el.explainStatus.textContent = "";
+        setExplainState("error");
+      })
+      .finally(function () {
+        if (seq === explain.seq) explain.request = null;
+      });
+  }
+
+  /** The maps one can show: blocks in network order, each macro block after its last block. */
+  function mapChoices(e) {
+    var choices = [];
+    var macros = (e.macro_blocks || []).map(function (m, i) {
+      return { key: "macro-" + (i + 1), macro: true, blocks: m.blocks, map: m.gradcam,
+        name: "blocks " + m.blocks[0] + "–" + m.blocks[m.blocks.length - 1] };
+    });
+    (e.blocks || []).forEach(function (b) {
+      choices.push({ key: "block-" + b.block, macro: false, blocks: [b.block], map: b.gradcam,
+        name: "block " + b.block });
+      macros.forEach(function (m) {
+        if (m.blocks[m.blocks.length - 1] === b.block) choices.push(m);
+      });
+    });
+    return choices;
+  }
+
+  function defaultChoice(choices) {
+    var macros = choices.filter(function (c) { return c.macro; });
+    if (macros.length) return macros[macros.length - 1].key;
+    return choices.length ? choices[choices.length - 1].key : null;
+  }
+
+  function thumb(src, overlay, label) {
+    return h("span", { className: "thumb", role: label ? "img" : null, "aria-label": label || null }, [
+      src ? h("img", { className: "base", src: src, alt: "" }) : null,
+      overlay ? h("img", { className: "heat-overlay", src: overlay, alt: "" }) : null,
+    ]);
+  }
+
+  function renderExplanation() {
+    var e = explain.result;
+    var choices = mapChoices(e);
+    if (!choices.some(function (c) { return c.key === explain.selected; })) {
+      explain.selected = defaultChoice(choices);
+    }
+    var lastBlock = choices.filter(function (c) { return !c.macro; }).pop();
+    var lastMacro = choices.filter(function (c) { return c.macro; }).pop();
+
+    var tiles = choices.map(function (c) {
+      var input = h("input", {
+        type: "radio",
+        name: "explain-block",
+        value: c.key,
+        id: "explain-" + c.key,
+        checked: c.key === explain.selected,
+      });
+      input.addEventListener("change", function () { if (input.checked) showChoice(c.key); });
+      return h("label", { className: "block-option" + (c.macro ? " is-macro" : ""), "for": input.id }, [
+        input,
+        h("span", { className: "block-tile" }, [
+          thumb(explain.modelInput, c.map && c.map.png, null),
+          h("span", { className: "tile-name", text: c.name }),
+          c.macro ? h("span", { text: "macro block" }) : null,
+        ]),
+      ]);
+    });
+    el.explainOptions.replaceChildren.apply(el.explainOptions, tiles);
+    el.explainBlocks.disabled = false;
+    el.explainClass.value = String(e.target);
+
+    renderBranchMaps(e);
+    explain.choices = choices;
+    explain.faithful = [lastBlock && lastBlock.key, lastMacro && lastMacro.key];
+    showChoice(explain.selected);
+
+    app.dataset.explainTarget = String(e.target);
+    el.explainStatus.textContent = "Heat maps for " + e.label + ".";
+    setExplainState("ready");
+  }
+
+  function showChoice(key) {
+    var e = explain.result;
+    if (!e) return;
+    var choice = (explain.choices || []).filter(function (c) { return c.key === key; })[0];
+    if (!choice) return;
+    explain.selected = key;
+    app.dataset.explainBlock = key;
+    var src = choice.map && choice.map.png;
+    [el.overlayOriginal, el.overlayInput].forEach(function (o) {
+      if (!o) return;
+      if (src) { o.src = src; o.hidden = false; } else { o.hidden = true; }
+      o.alt = "Heat map of " + choice.name + " for " + e.label;
+    });
+    placeOriginalOverlay();
+
+    var faithful = explain.faithful.indexOf(key) >= 0;
+    var what = faithful
+      ? "where the evidence for " + e.label + " is. The last block and macro block are the maps measured to follow the model's decision."
+      : "what this block responds to (edges, colour regions, often the background), not why the model chose " + e.label + ".";
+    el.explainCaption.replaceChildren(
+      h("span", { className: faithful ? "faithful" : "" }, [
+        "Grad-CAM of ", h("strong", { text: choice.name }), " for ", h("strong", { text: e.label }),
+        " (" + formatPercent(e.probability) + "): " + what,
+      ])
+    );
+  }
+
+  function renderBranchMaps(e) {
+    (e.blocks || []).forEach(function (b) {
+      var group = el.attChart.querySelector('[data-block="' + b.block + '"]');
+      if (!group) return;
+      var shares = [];
+      (b.branches || []).forEach(function (br) {
+        shares.push(br.gradcam_share);
+        var map = group.querySelector('.branch-map[data-branch="' + br.branch + '"]');
+        if (!map) return;
+        var overlay = map.querySelector("img.heat-overlay");
+        if (br.strength && br.strength.png) {
+          overlay.src = br.strength.png;
+          map.classList.remove("is-empty");
+        }
+        map.setAttribute("aria-label", "block " + b.block + ", branch " + br.branch +
+          ": where its weighted output is strong (" + formatPercent(br.strength_share) + " of the block's output)");
+      });
+      var share = group.querySelector(".att-share");
+      if (!share || !shares.length) return;
+      var top = shares.indexOf(Math.max.apply(null, shares));
+      share.dataset.shares = JSON.stringify(shares);
+      share.replaceChildren(
+        "Carries " + e.label + ": ",
+        h("span", { className: "carrier", text: "branch " + (top + 1) + " " + formatPercent(shares[top]) }),
+        shares.length > 1 ? " · " + shares.map(function (v, i) {
+          return i === top ? null : "branch " + (i + 1) + " " + formatPercent(v);
+        }).filter(Boolean).join(" · ") : ""
+      );
+    });
+  }
+
+  /** The map covers the upload as the model saw it: the whole image, stretched to square. */
+  function placeOriginalOverlay() {
+    var o = el.overlayOriginal, img = el.original, frame = el.originalFrame;
+    if (!o || !img || !frame || !img.naturalWidth || !img.naturalHeight) return;
+    var fw = frame.clientWidth, fh = frame.clientHeight;
+    var scale = Math.min(fw / img.naturalWidth, fh / img.naturalHeight);
+    var w = img.naturalWidth * scale, h2 = img.naturalHeight * scale;
+    o.style.left = ((fw - w) / 2) + "px";
+    o.style.top = ((fh - h2) / 2) + "px";
+    o.style.width = w + "px";
+    o.style.height = h2 + "px";
+  }
+
+  if (el.explainPanel) {
+    el.explainClass.addEventListener("change", function () {
+      var target = parseInt(el.explainClass.value, 10);
+      requestExplanation(target === explain.predicted ? null : target);
+    });
+    el.explainShow.addEventListener("change", function () {
+      app.classList.toggle("heat-hidden", !el.explainShow.checked);
+    });
+    el.explainOpacity.addEventListener("input", function () {
+      app.style.setProperty("--heat-opacity", String(el.explainOpacity.value / 100));
+    });
+    el.explainRetry.addEventListener("click", function () { requestExplanation(explain.target); });
+    el.original.addEventListener("load", placeOriginalOverlay);
+    if (window.ResizeObserver) new ResizeObserver(placeOriginalOverlay).observe(el.originalFrame);
+    else window.addEventListener("resize", placeOriginalOverlay);
+    setExplainState("idle");
+  } else {
+    setExplainState("off");
   }
 
   // ---------------------------------------------------------------- events

@@ -43,6 +43,9 @@ from service.frontends.oip.codec.tensors import serialize_bytes
 
 #: Protocol extensions this package implements (reported in server metadata).
 EXTENSIONS: tuple[str, ...] = ("binary_tensor_data", "classification", "model_configuration")
+#: Maps that say where the model looks, returned when named (``signature.explain_outputs``);
+#: listed in server metadata when the server explains.
+EXPLAIN_EXTENSION = "explain"
 
 
 def config_data_type(datatype: str) -> str:

@@ -43,9 +43,12 @@ def output_tensors(
         if spec is None or out.name not in results:
             raise ValueError(f"the model produced no output {out.name!r}")
         data = np.ascontiguousarray(results[out.name], dtype=numpy_dtype(spec.datatype))
-        if data.shape != (n, *spec.dims):
+        expected = (n, *spec.dims)  # -1: any size (varies per request)
+        if len(data.shape) != len(expected) or any(
+            want not in (-1, got) for got, want in zip(data.shape, expected, strict=True)
+        ):
             raise ValueError(
-                f"output {out.name!r} has shape {list(data.shape)}; expected {[n, *spec.dims]}"
+                f"output {out.name!r} has shape {list(data.shape)}; expected {list(expected)}"
             )
         if out.classification:
             labels = signature.labels if out.name == signature.labelled_output else ()

@@ -125,7 +125,7 @@ def resolve_outputs(
     seen: set[str] = set()
     for out in requested:
         if signature.output(out.name) is None:
-            expected = ", ".join(signature.output_names)
+            expected = ", ".join((*signature.output_names, *signature.on_request_names))
             raise ProtocolError(f"unknown output {out.name!r}; this model has: {expected}")
         if out.name in seen:
             raise ProtocolError(f"output {out.name!r} is requested more than once")

@@ -1,0 +1,117 @@
+"""The calibrated served graph: temperature and OOD score inside every export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from registry import Registry
+from seednet.export import (
+    ExportError,
+    check_metadata,
+    eager_outputs,
+    export_and_check,
+    export_metadata,
+    set_onnx_metadata,
+)
+from seednet.graph import (
+    CALIBRATED_OUTPUTS,
+    CalibratedInferenceModel,
+    inference_model,
+    out_of_distribution,
+)
+from seednet.runtimes import OpenVinoModel, openvino_available, ort_outputs, ort_session
+from training.data import load_split
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs(served_registry):
+    reg = Registry(served_registry)
+    mv = reg.resolve("tiny", "1")
+    m = mv.manifest
+    weights = reg.open_verified(mv, "weights.safetensors")
+    plain = inference_model(m.model.config, weights)
+    calibrated = inference_model(m.model.config, weights, temperature=0.37)
+    return plain, calibrated
+
+
+@pytest.fixture(scope="module")
+def images(cifar_dir) -> torch.Tensor:
+    return load_split(cifar_dir, "test", 7).images[:64]
+
+
+def test_temperature_changes_the_probabilities_but_never_the_top1(tiny_graphs, images):
+    plain, calibrated = tiny_graphs
+    assert isinstance(calibrated, CalibratedInferenceModel)
+    with torch.no_grad():
+        p0, a0 = plain(images)
+        p1, a1, score = calibrated(images)
+        logits, _ = plain.model(plain.normalize(images))
+    assert torch.equal(p0.argmax(1), p1.argmax(1))
+    assert (p1 - p0).abs().max() > 1e-3  # T = 0.37 sharpens visibly
+    assert torch.allclose(p1, torch.softmax(logits / 0.37, 1), atol=1e-6)
+    assert torch.allclose(score, -torch.logsumexp(logits / 0.37, 1), atol=1e-5)
+    assert torch.equal(a0, a1)  # attention is the network's, untouched
+    assert score.shape == (64,) and score.dtype == torch.float32
+
+
+def test_bad_temperatures_and_scores_are_refused(tiny_graphs):
+    model = tiny_graphs[0].model
+    for t in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            CalibratedInferenceModel(model, t)
+    with pytest.raises(ValueError, match="ood_score"):
+        CalibratedInferenceModel(model, 1.0, "entropy")
+
+
+@pytest.mark.slow
+def test_every_export_returns_the_three_outputs_and_records_the_temperature(
+    tiny_graphs, images, tmp_path
+):
+    calibrated = tiny_graphs[1]
+    report = export_and_check(calibrated, images, tmp_path)
+    assert report.passed
+    expected = {"outputs": list(CALIBRATED_OUTPUTS), "temperature": 0.37, "ood_score": "energy"}
+    assert report.metadata == expected
+    for name in ("model.ts", "model.onnx"):
+        assert export_metadata(tmp_path / name) == expected
+    assert {tuple(c.max_abs_diff) for c in report.checks} == {CALIBRATED_OUTPUTS}
+    assert report.to_info()["graph"]["outputs"]["ood_score"] == ["N"]
+    reference = eager_outputs(calibrated, images)
+    got = ort_outputs(ort_session(tmp_path / "model.onnx"), images.numpy())
+    assert list(got) == list(CALIBRATED_OUTPUTS)
+    if openvino_available():
+        ov = OpenVinoModel(tmp_path / "model.onnx").run_all(images.numpy())
+        assert np.abs(ov["ood_score"] - reference["ood_score"]).max() <= 1e-4
+    # the temperature is also proven by the numbers: recover it from the export's
+    # probabilities and the eager logits (log-ratios of two classes = logit gap / T)
+    with torch.no_grad():
+        logits, _ = calibrated.model(calibrated.normalize(images))
+    z = logits.numpy().astype(np.float64)
+    lp = np.log(got["probabilities"].astype(np.float64))
+    i, j = z.argmax(1), z.argmin(1)
+    rows = np.arange(len(z))
+    recovered = (z[rows, i] - z[rows, j]) / (lp[rows, i] - lp[rows, j])
+    assert np.median(recovered) == pytest.approx(0.37, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_an_export_with_another_temperature_is_caught(tiny_graphs, images, tmp_path):
+    calibrated = tiny_graphs[1]
+    export_and_check(calibrated, images, tmp_path)
+    onnx_path = tmp_path / "model.onnx"
+    meta = export_metadata(onnx_path)
+    set_onnx_metadata(onnx_path, json.dumps(meta | {"temperature": 0.38}))
+    with pytest.raises(ExportError, match="0.38"):
+        check_metadata(onnx_path, meta)
+    shutil.copy(onnx_path, tmp_path / "copy.onnx")
+    assert export_metadata(tmp_path / "copy.onnx")["temperature"] == 0.38
+
+
+def test_the_flag_rule_is_strictly_above_the_threshold():
+    scores = np.array([-3.0, -2.0, -1.999, 0.0], dtype=np.float32)
+    assert out_of_distribution(scores, -2.0).tolist() == [False, False, True, True]
