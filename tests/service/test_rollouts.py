@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -214,3 +216,206 @@ def test_shadow_traffic_never_changes_a_response_and_measures_agreement(
     assert all(pairs[k] == n for k, n in top.items()) and len(top) == min(10, len(pairs))
     assert evidence["candidate"]["requests"] == len(images)  # shadow runs of tiny@2
     assert evidence["stable"]["requests"] == len(images)
+
+
+# ------------------------------------------------------------------------------ decisions
+
+
+@pytest.fixture(scope="module")
+def rehearsal_registry(rollout_registry, tmp_path_factory) -> tuple[Path, str, str]:
+    """tiny@1 serving, plus two variants of it (training.variants): a bad one (the class
+    names shifted by one) and a good one (weights plus 1 % noise). (root, bad, good)"""
+    from training.variants import publish_variant
+
+    root = tmp_path_factory.mktemp("rehearsal") / "registry"
+    shutil.copytree(rollout_registry, root)
+    reg = Registry(root)
+    bad = publish_variant(reg, "tiny@1", shift_names=True).version
+    good = publish_variant(reg, "tiny@1", noise=0.01, seed=1).version
+    return root, bad, good
+
+
+class Load:
+    """Clients sending /predict without pause while the block runs: every answer's
+    (status, version), so a test can count failed requests and who answered."""
+
+    def __init__(self, url: str, images: list[tuple[str, bytes]], clients: int = 2) -> None:
+        self.url, self.images, self.clients = url, images, clients
+        self.answers: list[tuple[int, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(timeout=120) as client:
+            i = offset
+            while not self._stop.is_set():
+                _, data = self.images[i % len(self.images)]
+                i += self.clients
+                r = client.post(f"{self.url}/predict", files={"file": ("x.jpg", data)})
+                version = r.json()["model"]["version"] if r.status_code == 200 else None
+                self.answers.append((r.status_code, version))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=180)
+
+    @property
+    def failed(self) -> list[int]:
+        return [status for status, _ in self.answers if status != 200]
+
+
+def _state(url: str) -> dict:
+    return rollout(url)["rollout"]
+
+
+@pytest.mark.slow
+def test_a_bad_candidate_is_rolled_back_a_good_one_promoted_across_a_restart(
+    rehearsal_registry, tmp_path, test_images
+):
+    """Under steady load: the shifted-names variant fails the agreement rule in its shadow
+    step and is dropped (the alias stays); the noisy variant passes shadow, the server is
+    restarted in its canary step, and the new process carries on and promotes it. No
+    request fails; every decision is in the alias journal with its evidence."""
+    source, bad, good = rehearsal_registry
+    root = copy_of(source, tmp_path)
+    steps = [{"mode": "shadow", "percent": 100}, {"mode": "canary", "percent": 20}]
+    rule = {"min_samples": 30, "min_agreement": 0.8, "max_p99_ratio": 20}
+    with serve(root) as srv, Load(srv.url, test_images) as load:
+        r = start(srv.url, bad, steps, rule)
+        assert r.status_code == 200, r.text
+        wait_until(lambda: _state(srv.url)["state"] != "running", 120, 0.2, "a decision")
+        failed = _state(srv.url)
+        assert failed["state"] == "rolled_back", failed["decisions"]
+        assert failed["decisions"][-1]["evidence"]["agreement"] < 0.8
+
+        r = start(srv.url, good, steps, rule)
+        assert r.status_code == 200, r.text
+        wait_until(lambda: _state(srv.url)["step"] == 1, 120, 0.1, "the canary step")
+    first = load.answers
+    assert load.failed == [] and len(first) > 0
+    assert {v for _, v in first} == {"1"}  # shadow only: the clients saw tiny@1 alone
+    assert Registry(root).resolve("tiny", "production").version == "1"
+
+    with serve(root) as srv, Load(srv.url, test_images) as load:
+        resumed = _state(srv.url)
+        assert (resumed["state"], resumed["step"]) == ("running", 1)  # the advance survived
+        wait_until(lambda: _state(srv.url)["state"] != "running", 180, 0.2, "the promote")
+        promoted = _state(srv.url)
+        assert promoted["state"] == "promoted", promoted["decisions"]
+        wait_until(lambda: load.answers[-4:] and {v for _, v in load.answers[-4:]} == {good},
+                   60, 0.1, "the new version to answer")  # fmt: skip
+    assert load.failed == []
+    assert {v for _, v in load.answers} <= {"1", good}
+    assert Registry(root).resolve("tiny", "production").version == good
+    actions = [(d["action"], d["step"]) for d in promoted["decisions"]]
+    assert actions == [("start", 0), ("advance", 0), ("promote", 1)], actions
+    notes = [e["note"] for e in Registry(root).alias_journal("tiny") if "note" in e]
+    decided = [(n.get("candidate"), n.get("action")) for n in notes if "action" in n]
+    assert (bad, "rollback") in decided and (good, "promote") in decided
+    promote_note = next(n for n in notes if n.get("action") == "promote")
+    assert promote_note["evidence"]["candidate"]["images"] >= 30
+
+
+@pytest.mark.slow
+def test_two_workers_follow_a_rollout_and_a_promote_before_the_call_returns(
+    rollout_registry, tmp_path, test_images
+):
+    """SEEDNET_WORKERS=2: a rollout started through one worker is applied by both before
+    the call returns (each worker's revision, on /models); so is a promote: every answer
+    after it returns comes from the new version, whichever worker takes the connection."""
+    from tests.service.test_main import ready
+    from tests.service.test_main import start as start_process
+
+    root = copy_of(rollout_registry, tmp_path)
+    proc, url = start_process(
+        {
+            "SEEDNET_REGISTRY_ROOT": str(root),
+            "SEEDNET_MODEL_NAME": "tiny",
+            "SEEDNET_DEVICE": "cpu",
+            "SEEDNET_WORKERS": "2",
+            "SEEDNET_BACKEND": "torchscript",
+            "SEEDNET_ADMIN_TOKEN": ADMIN_TOKEN,
+            "SEEDNET_ACCESS_LOG": "false",
+            "SEEDNET_EXPLAIN": "off",
+        }
+    )
+
+    def predict_versions(n: int) -> list[str]:
+        out = []
+        for i in range(n):  # a new connection each: spread over the workers
+            r = httpx.post(f"{url}/predict", files={"file": ("x.jpg", test_images[i][1])})
+            assert r.status_code == 200, r.text
+            out.append(r.json()["model"]["version"])
+        return out
+
+    try:
+        wait_until(lambda: ready(proc, url), 300, 0.1, "the service to be ready")
+        wait_until(
+            lambda: len(httpx.get(f"{url}/models").json()["workers"]) == 2, 120, 0.2, "workers"
+        )
+        r = start(url, "2", [{"mode": "canary", "percent": 50}], {"min_samples": 10**9})
+        assert r.status_code == 200, r.text
+        started = r.json()
+        listing = httpx.get(f"{url}/models").json()
+        r = httpx.post(
+            f"{url}/models/tiny/rollout/abort", json={"reason": "test"}, headers=ADMIN, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        aborted = r.json()
+        after_abort = predict_versions(30)
+        r = httpx.post(
+            f"{url}/models/tiny/promote", json={"version": "2"}, headers=ADMIN, timeout=120
+        )
+        assert r.status_code == 200, r.text
+        promoted = r.json()
+        after_promote = predict_versions(30)
+        workers = httpx.get(f"{url}/models").json()["workers"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert started["converged"] is True and len(started["workers"]) == 2, started
+    revision = started["revision"]
+    assert all(w["revision"] >= revision for w in started["workers"])
+    assert listing["rollout"]["state"] == "running" and listing["rollout"]["candidate"] == "2"
+    assert all(w["rollout"]["candidate"] == "2" for w in listing["workers"]), listing["workers"]
+    assert aborted["converged"] is True and aborted["rollout"]["state"] == "aborted"
+    assert set(after_abort) == {"1"}
+    assert promoted["converged"] is True and {w["version"] for w in promoted["workers"]} == {"2"}
+    assert set(after_promote) == {"2"}, Counter(after_promote)
+    assert len(workers) == 2 and {w["version"] for w in workers} == {"2"}, out
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"candidate": "9", "steps": [{"mode": "canary", "percent": 10}]}, 404, "9"),
+        ({"candidate": "2", "steps": []}, 422, "at least one step"),
+        ({"candidate": "2", "steps": [{"mode": "canary", "percent": 100}]}, 422, "percent"),
+        ({"candidate": "2", "steps": [{"mode": "mirror", "percent": 10}]}, 422, "mode"),
+        ({"candidate": "2", "steps": [{"mode": "canary", "percent": 10}], "rule": {"x": 1}},
+         422, "unknown field"),
+        ({"candidate": "2", "steps": [{"mode": "canary", "percent": 10}],
+          "rule": {"min_agreement": 2}}, 422, "min_agreement"),
+        ({"candidate": "1", "steps": [{"mode": "canary", "percent": 10}]}, 409, ""),
+    ],
+)  # fmt: skip
+def test_every_invalid_rollout_request_is_a_clear_4xx_and_changes_nothing(
+    server, served_registry, body, status, message
+):
+    before = Registry(served_registry).rollout_state("tiny").revision
+    r = httpx.post(f"{server.url}/models/tiny/rollout", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    assert Registry(served_registry).rollout_state("tiny").revision == before
+    assert httpx.post(f"{server.url}/models/tiny/rollout", json=body).status_code == 401
+    r = httpx.post(f"{server.url}/models/tiny/rollout/abort", json={}, headers=ADMIN)
+    assert r.status_code == 409 and "nothing to abort" in r.json()["error"]["message"]
