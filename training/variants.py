@@ -7,8 +7,10 @@ behaviour is known in advance.
 - ``shift_names``: the class names rotated by one: the same network, every answer under
   its neighbour's name, a deliberately wrong version that loads, runs and answers fast.
 
-The golden set is recomputed from the variant's own weights and the exports are built
-and checked against it, as for any published version::
+The golden set is recomputed from the variant's own served graph (calibrated with the
+source's temperature when it has one) and the exports are built and checked against it,
+as for any published version. The variant records no test metrics and no int8 export
+(neither was measured on it)::
 
     python -m training.variants seednet-small@1 --noise 0.02 --root models-scratch
     python -m training.variants seednet-small@1 --shift-names --root models-scratch
@@ -24,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from registry import ModelVersion, Registry, VersionSpec
-from registry.manifest import GOLDEN_FILE, WEIGHTS_FILE
+from registry.manifest import GOLDEN_FILE, WEIGHTS_FILE, Metrics
 from seednet.export import golden_set, materialize
-from seednet.graph import inference_model
+from seednet.graph import version_graph
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -44,6 +46,7 @@ def publish_variant(
     source = registry.get(ref)
     m = source.manifest
     spec = VersionSpec(**{f.name: getattr(m, f.name) for f in fields(VersionSpec)})
+    spec = replace(spec, metrics=Metrics(), int8=None)
     if shift_names:
         spec = replace(spec, class_names=(*m.class_names[1:], m.class_names[0]))
     weights = load_file(str(registry.open_verified(source, WEIGHTS_FILE)))
@@ -59,9 +62,7 @@ def publish_variant(
     with registry.scratch(source.name) as tmp:
         weights_path = tmp / WEIGHTS_FILE
         save_file(weights, str(weights_path))
-        model = inference_model(
-            m.model.config, weights_path, m.normalization.mean, m.normalization.std
-        )
+        model = version_graph(m, weights_path)
         golden_path = tmp / GOLDEN_FILE
         save_file(golden_set(model, golden["images"]), str(golden_path))
         files = {WEIGHTS_FILE: weights_path, GOLDEN_FILE: golden_path}

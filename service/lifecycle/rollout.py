@@ -178,6 +178,10 @@ class RolloutController:
         if self.plane.split != split:
             if step.mode != "shadow":
                 self.shadow.clear()
+            # the step's evidence starts now, before its first request (not at the first
+            # judgement, which would count what was answered meanwhile as before the step)
+            counts = await asyncio.to_thread(self._counts, rollout)
+            self._baseline = (rollout.id, rollout.step, counts)
             self.plane.split = split
             log.info(
                 "rollout %s: %s@%s on %s of the traffic (step %d of %d)",

@@ -1,5 +1,6 @@
-"""Rollouts against a real server: tiny@1 serves, tiny@2 (other weights) is the good
-candidate, tiny@3 (tiny@1's weights with its class names shifted by one) the bad one.
+"""Rollouts against a real server: tiny@1 serves, tiny@2 (other weights) is a candidate;
+the slow tests add two variants of tiny@1 (training.variants): a bad one, its class names
+shifted by one, and a good one, its weights plus a little noise.
 
 Real CIFAR-10 test images go through /predict, /v2 and gRPC on a loopback uvicorn; the
 rollout record lives in a registry in a temporary folder; the decisions are the
@@ -9,7 +10,6 @@ service's own, taken on the evidence of the traffic these tests send.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import signal
 import threading
@@ -24,24 +24,6 @@ from registry import Registry
 from tests.conftest import ADMIN_TOKEN, LiveServer, wait_until
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def rollout_registry(tmp_path_factory, served_registry, tiny_run) -> Path:
-    """tiny@1 (production), tiny@2 (the good candidate), tiny@3 (the bad one)."""
-    from training.publish import publish_run
-
-    base = tmp_path_factory.mktemp("rollouts")
-    root = base / "registry"
-    shutil.copytree(served_registry, root)
-    bad_run = base / "shifted-names"
-    shutil.copytree(tiny_run, bad_run)
-    config = json.loads((bad_run / "config.json").read_text())
-    names = config["class_names"]
-    config["class_names"] = names[1:] + names[:1]  # every answer under its neighbour's name
-    (bad_run / "config.json").write_text(json.dumps(config))
-    assert publish_run(bad_run, "tiny", root, force=True).version == "3"
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +49,9 @@ def serve(root: Path, **overrides) -> LiveServer:
     return LiveServer(**{**settings, **overrides})
 
 
-def copy_of(rollout_registry: Path, tmp_path: Path) -> Path:
+def copy_of(served_registry: Path, tmp_path: Path) -> Path:
     root = tmp_path / "registry"
-    shutil.copytree(rollout_registry, root)
+    shutil.copytree(served_registry, root)
     return root
 
 
@@ -119,15 +101,42 @@ def rollout(url: str) -> dict:
     return r.json()
 
 
+def protocol_answers(srv: LiveServer, pin: str) -> tuple[httpx.Response, str, str]:
+    """One /v2 (JSON) and one gRPC request pinned to ``pin`` with X-Model-Version: the /v2
+    response, and gRPC's model_version field and x-model-version initial metadata."""
+    import grpc
+
+    from service.frontends.oip.codec import grpc_predict_v2_pb2 as pb
+    from service.frontends.oip.codec import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    body = {"inputs": [{"name": "images", "shape": [1, 3, 32, 32], "datatype": "UINT8",
+                        "data": pixels.ravel().tolist()}]}  # fmt: skip
+    v2 = httpx.post(
+        f"{srv.url}/v2/models/tiny/infer", json=body, headers={"x-model-version": pin}, timeout=60
+    )
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 3, 32, 32])
+    request.raw_input_contents.append(pixels.tobytes())
+    with grpc.insecure_channel(srv.grpc_url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        response, call = stub.ModelInfer.with_call(
+            request, metadata=(("x-model-version", pin),), timeout=60
+        )
+    header = dict(call.initial_metadata()).get("x-model-version", "")
+    return v2, response.model_version, header
+
+
 # ------------------------------------------------------------------------------ the split
 
 
+@pytest.mark.slow
 def test_a_canary_split_lands_within_tolerance_and_a_client_key_sticks(
-    rollout_registry, tmp_path, test_images
+    served_registry, tmp_path, test_images
 ):
-    root = copy_of(rollout_registry, tmp_path)
+    root = copy_of(served_registry, tmp_path)
     never = {"min_samples": 10**9}  # no decision: this test is about the split
-    with serve(root) as srv:
+    with serve(root, grpc_port=0) as srv:
         r = start(srv.url, "2", [{"mode": "canary", "percent": 30}], never)
         assert r.status_code == 200, r.text
         assert r.json()["converged"] is True and r.json()["running"] is True
@@ -159,6 +168,13 @@ def test_a_canary_split_lands_within_tolerance_and_a_client_key_sticks(
         )
         assert r.status_code == 400 and "version '7' is not loaded" in r.json()["error"]["message"]
 
+        # every protocol says which version answered: body and header (gRPC: metadata)
+        for pin in ("1", "2"):
+            v2, grpc_version, grpc_header = protocol_answers(srv, pin)
+            assert v2.status_code == 200, v2.text
+            assert v2.headers["x-model-version"] == v2.json()["model_version"] == pin
+            assert grpc_version == grpc_header == pin
+
         # the per-version evidence, on /metrics and in the rollout's status
         status = rollout(srv.url)
         assert status["evidence"]["candidate"]["version"] == "2"
@@ -172,16 +188,16 @@ def test_a_canary_split_lands_within_tolerance_and_a_client_key_sticks(
 
 
 def test_shadow_traffic_never_changes_a_response_and_measures_agreement(
-    rollout_registry, tmp_path, test_images
+    served_registry, tmp_path, test_images
 ):
     """Every answer under 100 % shadow is byte for byte the one without a rollout; the
     comparisons the service counts are the ones two models loaded here compute."""
     from service.dataplane.images import ImageLimits, preprocess
     from service.lifecycle.loading import load_backend
 
-    root = copy_of(rollout_registry, tmp_path)
+    root = copy_of(served_registry, tmp_path)
     images = test_images[::2]  # 100 images
-    with serve(root) as srv:
+    with serve(root, grpc_port=0) as srv:
         before = asyncio.run(send(srv.url, images, len(images), concurrency=1))
         r = start(srv.url, "2", [{"mode": "shadow", "percent": 100}], {"min_samples": 10**9})
         assert r.status_code == 200, r.text
@@ -196,6 +212,12 @@ def test_shadow_traffic_never_changes_a_response_and_measures_agreement(
             "every shadow run to be compared",
         )
         evidence = rollout(srv.url)["evidence"]
+        # a request may pin either loaded version; every protocol says which answered
+        for pin in ("1", "2"):
+            v2, grpc_version, grpc_header = protocol_answers(srv, pin)
+            assert v2.status_code == 200, v2.text
+            assert v2.headers["x-model-version"] == v2.json()["model_version"] == pin
+            assert grpc_version == grpc_header == pin
     assert [x[2] for x in during] == [x[2] for x in before]  # same bodies, version 1
     assert {version_of(x) for x in during} == {"1"}
 
@@ -222,13 +244,13 @@ def test_shadow_traffic_never_changes_a_response_and_measures_agreement(
 
 
 @pytest.fixture(scope="module")
-def rehearsal_registry(rollout_registry, tmp_path_factory) -> tuple[Path, str, str]:
+def rehearsal_registry(served_registry, tmp_path_factory) -> tuple[Path, str, str]:
     """tiny@1 serving, plus two variants of it (training.variants): a bad one (the class
     names shifted by one) and a good one (weights plus 1 % noise). (root, bad, good)"""
     from training.variants import publish_variant
 
     root = tmp_path_factory.mktemp("rehearsal") / "registry"
-    shutil.copytree(rollout_registry, root)
+    shutil.copytree(served_registry, root)
     reg = Registry(root)
     bad = publish_variant(reg, "tiny@1", shift_names=True).version
     good = publish_variant(reg, "tiny@1", noise=0.01, seed=1).version
@@ -327,7 +349,7 @@ def test_a_bad_candidate_is_rolled_back_a_good_one_promoted_across_a_restart(
 
 @pytest.mark.slow
 def test_two_workers_follow_a_rollout_and_a_promote_before_the_call_returns(
-    rollout_registry, tmp_path, test_images
+    served_registry, tmp_path, test_images
 ):
     """SEEDNET_WORKERS=2: a rollout started through one worker is applied by both before
     the call returns (each worker's revision, on /models); so is a promote: every answer
@@ -335,7 +357,7 @@ def test_two_workers_follow_a_rollout_and_a_promote_before_the_call_returns(
     from tests.service.test_main import ready
     from tests.service.test_main import start as start_process
 
-    root = copy_of(rollout_registry, tmp_path)
+    root = copy_of(served_registry, tmp_path)
     proc, url = start_process(
         {
             "SEEDNET_REGISTRY_ROOT": str(root),
