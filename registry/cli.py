@@ -221,7 +221,7 @@ def _print_rollout(rollout: Rollout) -> None:
     rule = rollout.rule
     print(
         f"  rule: at least {rule.min_samples} samples per step; error rate at most "
-        f"{rule.max_error_rate_increase:g} above stable; p99 model time at most "
+        f"{rule.max_error_rate_increase:g} above stable; p99 model time (canary) at most "
         f"{rule.max_p99_ratio:g}x stable; top-1 agreement (shadow) at least "
         f"{rule.min_agreement:g}"
         + (f"; a step fails after {rule.max_step_s:g} s" if rule.max_step_s else "")

@@ -170,9 +170,9 @@ class Rule:
 
     Judged once the step has ``min_samples`` candidate samples (images compared in a
     shadow step, images the candidate answered in a canary step): the candidate's error
-    rate at most ``max_error_rate_increase`` above stable's, its p99 model time at most
-    ``max_p99_ratio`` times stable's, and (shadow steps) its top-1 agreement with stable
-    at least ``min_agreement``. A step that has not gathered its samples after
+    rate at most ``max_error_rate_increase`` above stable's, (canary steps) its p99 model
+    time at most ``max_p99_ratio`` times stable's, and (shadow steps) its top-1 agreement
+    with stable at least ``min_agreement``. A step that has not gathered its samples after
     ``max_step_s`` (when set) fails too. ``check``: see :class:`CheckSet`.
     """
 

@@ -216,9 +216,13 @@ def judge(
     if p99_stable and p99_candidate is not None:
         ratio = p99_candidate / p99_stable
         evidence["p99_ratio"] = round(ratio, 4)
-        (failures if ratio > rule.max_p99_ratio else passed).append(
-            f"p99 model time x{ratio:.2f} (max x{rule.max_p99_ratio:g})"
-        )
+        # Shadow runs are merged into the largest batches the lane can make, while live
+        # requests run in whatever batches the load makes: their times are not alike, so
+        # latency is judged where the candidate answers live requests (canary steps).
+        if step.mode == "canary":
+            (failures if ratio > rule.max_p99_ratio else passed).append(
+                f"p99 model time x{ratio:.2f} (max x{rule.max_p99_ratio:g})"
+            )
     if step.mode == "shadow":
         agreement = counts.agreed / counts.compared if counts.compared else 0.0
         (failures if agreement < rule.min_agreement else passed).append(
