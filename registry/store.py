@@ -883,13 +883,17 @@ class Registry:
         reason: str,
         evidence: dict | None = None,
         by: str = "",
+        step: int | None = None,
     ) -> Rollout:
         """Record a decision of the running rollout ``rollout_id`` (registry.rollouts.ACTIONS)
         with its evidence, in rollouts.json and in the alias journal; on ``promote`` the
         alias moves to the candidate right after.
 
         A compare-and-swap: ConflictError, nothing written, when ``rollout_id`` is no longer
-        the running rollout (another process decided first, or it was aborted).
+        the running rollout (another process decided first, or it was aborted), when
+        ``step`` (the step the decision was taken on, if given) is no longer its current
+        step, or when a ``check`` finds the check set already passed: two processes that
+        judge the same step write one decision between them.
         """
         with self._alias_writing(name):
             before = self.rollout_state(name)
@@ -899,6 +903,16 @@ class Registry:
                 now = f"{latest.id} is {latest.state}" if latest is not None else "none exists"
                 raise ConflictError(
                     f"rollout {rollout_id} of {name!r} is not running ({now}); nothing was changed"
+                )
+            if step is not None and running.step != step:
+                raise ConflictError(
+                    f"rollout {rollout_id} of {name!r} is at step {running.step + 1}, not "
+                    f"{step + 1}: another process decided first; nothing was changed"
+                )
+            if action == "check" and running.checked:
+                raise ConflictError(
+                    f"the check set of rollout {rollout_id} of {name!r} was passed already; "
+                    "nothing was changed"
                 )
             after = running.decided(action, reason, evidence, by)
             self._write_rollouts(name, before, after)

@@ -308,6 +308,7 @@ class RolloutController:
                 reason,
                 evidence,
                 self.by,
+                rollout.step,
             )
         except ConflictError:
             log.info("rollout %s: another process decided first", rollout.id)

@@ -68,6 +68,26 @@ def test_a_rollout_goes_through_its_steps_and_the_promote_moves_the_alias(tmp_pa
     assert f"rollout {rollout.id} promoted" in out.stdout and "agreement 0.97" in out.stdout
 
 
+def test_two_processes_judging_the_same_step_write_one_decision(tmp_path) -> None:
+    """Two workers (or replicas) that judged step 1 both try to advance it; one advance
+    is written and the other is refused, so no step is skipped; the check set likewise."""
+    reg = three_versions(tmp_path)
+    check = {"folder": "/data/test", "min_accuracy": 0.5}
+    rollout = reg.start_rollout("seednet", "2", STEPS, Rule.from_dict({"check": check}))
+    assert not rollout.checked
+    reg.decide_rollout("seednet", rollout.id, "check", "accuracy 0.9", by="a", step=0)
+    with pytest.raises(ConflictError, match="passed already"):
+        reg.decide_rollout("seednet", rollout.id, "check", "accuracy 0.9", by="b", step=0)
+    reg.decide_rollout("seednet", rollout.id, "advance", "passed", by="a", step=0)
+    before = files_of(tmp_path)
+    with pytest.raises(ConflictError, match="at step 2, not 1"):
+        reg.decide_rollout("seednet", rollout.id, "advance", "passed", by="b", step=0)
+    assert files_of(tmp_path) == before
+    running = reg.rollout_state("seednet").running
+    assert running is not None and running.step == 1
+    assert [d.action for d in running.decisions] == ["start", "check", "advance"]
+
+
 def test_a_rollback_drops_the_candidate_and_leaves_the_alias(tmp_path) -> None:
     reg = three_versions(tmp_path)
     rollout = reg.start_rollout("seednet", "3", STEPS[:1], Rule())
