@@ -173,7 +173,7 @@ EOF
 }
 
 export_model() {
-    [ -f "$MV/weights.safetensors" ] || { log "no $MV/weights.safetensors"; exit 1; }
+    [ -f "$MV/manifest.json" ] || { log "no $MV/manifest.json"; exit 1; }  # (weights may be its parent's)
     if model_ts_ok; then
         log "using $MV/model.ts (sha256 matches exports.json)"
         return 0

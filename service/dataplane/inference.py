@@ -117,7 +117,8 @@ class DataPlane:
         canary = model is None and split.canary(route.key)
         images = None
         if files is not None:
-            images = await self.decode(files, protocol)
+            with self.batcher.preparing(len(files)):  # 429 before decoding what cannot run
+                images = await self.decode(files, protocol)
             pixels = np.stack([p.array for p in images])
         assert pixels is not None
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != PIXEL_SHAPE:

@@ -171,3 +171,34 @@ def test_goodput_holds_under_four_times_overload(served_registry):
     assert goodput >= 0.5 * capacity, (capacity, goodput, over)
     refused = metric_value(metrics, "seednet_rejections_total")
     assert refused == sum(n for s, n in (*base.items(), *over.items()) if s != 200)
+
+
+def test_images_being_decoded_count_as_ahead_of_the_next_request():
+    """An admitted upload is decoded before it queues; while it is, a later request must
+    see it ahead, or a crowd is decoded only to be refused at the queue (wasted CPU)."""
+    from service.dataplane.batching import Batcher, ServiceRate
+    from service.errors import Overloaded
+
+    batcher = Batcher(lambda: None, max_batch_size=64, max_wait=0.002, queue_timeout=0.5)
+    batcher.rate = ServiceRate(seconds_per_image=0.05, samples=1)  # 10 images in 0.5 s
+    batcher.queued_images = 5
+    with batcher.preparing(5):  # 10 ahead: one more would wait 0.5 s, still in time
+        batcher.admit(1)
+        with batcher.preparing(1):  # 11 ahead now: refused, with when to retry
+            try:
+                batcher.admit(1)
+            except Overloaded as exc:
+                assert exc.retry_after >= 1
+            else:
+                raise AssertionError("admitted a request that could not start in 0.5 s")
+    assert batcher.preparing_images == 0  # decoded (or failed): no longer counted
+    batcher.admit(5)
+
+    counted = Batcher(lambda: None, 64, 0.002, max_queue_images=8)
+    with counted.preparing(8):
+        try:
+            with counted.preparing(1):
+                raise AssertionError("a ninth image was admitted past max_queue_images=8")
+        except Overloaded:
+            pass
+    assert counted.preparing_images == 0

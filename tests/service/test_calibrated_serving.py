@@ -63,8 +63,12 @@ def test_every_protocol_returns_the_same_calibrated_numbers(served):
     probs = np.array([[p["probabilities"][c] for c in CLASSES] for p in preds])
     scores = np.array([p["ood_score"] for p in preds])
     flags = [p["out_of_distribution"] for p in preds]
-    np.testing.assert_allclose(probs, golden["probabilities"][:6], atol=1e-4)
-    np.testing.assert_allclose(scores, golden["ood_score"][:6], atol=1e-4)
+    # auto may pick the int8 graph (its gate passed at publication): its numbers are the
+    # golden ones up to quantisation; every fp32 backend's up to summation order
+    backend = httpx.get(f"{srv.url}/health/ready").json()["model"]["backend"]
+    atol = 0.02 if backend.endswith("int8") else 1e-4
+    np.testing.assert_allclose(probs, golden["probabilities"][:6], atol=atol)
+    np.testing.assert_allclose(scores, golden["ood_score"][:6], atol=5 * atol)
     assert flags == out_of_distribution(scores, threshold).tolist()
 
     http = httpclient.InferenceServerClient(srv.url.removeprefix("http://"))
@@ -89,6 +93,8 @@ def test_every_protocol_returns_the_same_calibrated_numbers(served):
         np.testing.assert_allclose(result.as_numpy("probabilities"), probs, rtol=0, atol=1e-5)
         np.testing.assert_allclose(result.as_numpy("ood_score"), scores, rtol=0, atol=1e-5)
         assert result.as_numpy("out_of_distribution").tolist() == flags
+    if backend.endswith("int8"):
+        return  # quantisation may change a close call's label; calibration never does
     # top-1 is the uncalibrated model's: calibration never changes a label
     parent = load_file(str(mv.path.parent / "1" / "golden.safetensors"))
     assert (probs.argmax(1) == parent["probabilities"][:6].argmax(1)).all()

@@ -12,6 +12,7 @@ TorchScript ones within the exports' proven tolerance.
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 import typing
 
@@ -42,9 +43,13 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def srv(request, served_registry):
+def srv(request, served_registry, tmp_path_factory):
+    root = served_registry
+    if request.param.startswith("auto"):  # auto records its choice in the registry it serves
+        root = tmp_path_factory.mktemp("auto-registry") / "registry"
+        shutil.copytree(served_registry, root)
     with LiveServer(
-        registry_root=served_registry,
+        registry_root=root,
         model_name="tiny",
         device="cpu",
         backend=request.param,

@@ -32,10 +32,14 @@ def test_calibrate_publishes_a_verified_child_with_its_figures(calibrated):
     m = mv.manifest
     raw = json.loads((mv.path / "manifest.json").read_text())
     assert raw["schema_version"] == 3 and m.parent == "tiny@1"
-    assert (
-        m.files["weights.safetensors"]
-        == registry.get("tiny@1").manifest.files["weights.safetensors"]
-    )  # the same weights
+    weights, parents = m.files["weights.safetensors"], registry.get("tiny@1").manifest.files
+    # the same weights, stored once: the child's entry points at its parent's file
+    assert (weights.sha256, weights.size) == (
+        parents["weights.safetensors"].sha256,
+        parents["weights.safetensors"].size,
+    )
+    assert weights.location == "1/weights.safetensors"
+    assert not (mv.path / "weights.safetensors").exists()
     assert m.calibration.method == "temperature" and m.calibration.temperature > 0
     assert m.calibration.fitted_on["half"] == "even" and m.calibration.evaluated_on["half"] == "odd"
     assert m.calibration.fitted_on["images"] == m.calibration.evaluated_on["images"] == 50

@@ -174,7 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @_rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         state = self.state
-        served_model(state, request.model_name, request.model_version)
+        model = served_model(state, request.model_name, request.model_version)
         metadata = {k.lower(): v for k, v in context.invocation_metadata() or ()}
         route = route_from(metadata, request.model_version or None)  # (rollouts)
         plane = state.plane
@@ -182,7 +182,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise NotReady()
         plane.admit()  # RESOURCE_EXHAUSTED before parsing when the queue is too long
         t0 = time.perf_counter()
-        parsed = parse_grpc_request(request, max_batch_size=state.settings.max_images_per_request)
+        parsed = parse_grpc_request(
+            request,
+            max_batch_size=state.settings.max_images_per_request,
+            signature=signature_of(model),  # a calibrated version's outputs are the default too
+        )
         plane.observe("parse", PROTOCOL, time.perf_counter() - t0)
         result = await explain.infer(state, parsed, PROTOCOL, route)  # (explain outputs when named)
         version = result.model.info["version"]

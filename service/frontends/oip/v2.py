@@ -160,7 +160,7 @@ async def infer(
     name: str, version: Version, request: Request, state: State, plane: PlaneDep
 ) -> Response:
     settings = state.settings
-    served_model(state, name, version)  # 404/400/503 before reading the body
+    model = served_model(state, name, version)  # 404/400/503 before reading the body
     route = route_from(request.headers, version)  # a version or client key (rollouts)
     plane.admit()  # and 429 when the queue is already too long
     limits = request_limits(settings)
@@ -176,6 +176,7 @@ async def infer(
         max_batch_size=settings.max_images_per_request,
         max_json_bytes=limits.json_bytes,
         max_json_containers=limits.json_containers,
+        signature=signature_of(model),  # a calibrated version's outputs are the default too
     )
     parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
     plane.observe("parse", PROTOCOL, time.perf_counter() - t1)
