@@ -114,7 +114,7 @@ class DataPlane:
         split = self.split
         if model is None and route.pin is not None:
             model = pinned_model(route.pin, serving, split)  # 400 before decoding
-        canary = model is None and split.canary(route.key)
+        canary = model is None and split.canary(route)
         images = None
         if files is not None:
             with self.batcher.preparing(len(files)):  # 429 before decoding what cannot run

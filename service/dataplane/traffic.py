@@ -28,10 +28,12 @@ BUCKETS = 10_000
 
 @dataclass(frozen=True)
 class Route:
-    """What a request asked for: a version (``pin``) and a client key (``key``)."""
+    """What a request asked for: a version (``pin``), a client key (``key``) and the
+    outputs its answer must hold (``outputs``; empty: whatever the model returns)."""
 
     pin: str | None = None
     key: str | None = None
+    outputs: tuple[str, ...] = ()
 
 
 NO_ROUTE = Route()
@@ -51,11 +53,17 @@ class Split:
     percent: float = 0.0
     salt: str = ""
 
-    def canary(self, key: str | None) -> bool:
-        """Whether the candidate answers a request with this client key (None: random)."""
-        if self.candidate is None or self.mode != "canary":
+    def canary(self, route: Route) -> bool:
+        """Whether the candidate answers a request with this route: its client key's draw
+        (random without one), and only if the candidate returns every output the request
+        needs (the protocol fixes them from the serving version's signature: a calibrated
+        stable's ``ood_score`` that an uncalibrated candidate lacks is answered by stable)."""
+        candidate = self.candidate
+        if candidate is None or self.mode != "canary":
             return False
-        return _draw(key, self.salt) < self.percent / 100
+        if route.outputs and not set(route.outputs) <= produced(candidate):
+            return False
+        return _draw(route.key, self.salt) < self.percent / 100
 
     def shadow(self) -> bool:
         """Whether to also run a request answered by stable on the candidate."""
@@ -65,6 +73,14 @@ class Split:
 
 
 NO_SPLIT = Split()
+
+
+def produced(model: ServingModel) -> set[str]:
+    """The outputs an answer of ``model`` holds (the data plane adds the OOD flag)."""
+    names = set(model.output_dims)
+    if model.ood_threshold is not None:
+        names.add("out_of_distribution")
+    return names
 
 
 def _draw(key: str | None, salt: str) -> float:

@@ -444,3 +444,38 @@ def test_every_invalid_rollout_request_is_a_clear_4xx_and_changes_nothing(
     assert httpx.post(f"{server.url}/models/tiny/rollout", json=body).status_code == 401
     r = httpx.post(f"{server.url}/models/tiny/rollout/abort", json={}, headers=ADMIN)
     assert r.status_code == 409 and "nothing to abort" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_a_canary_without_a_calibrated_output_leaves_those_requests_to_stable(calibrated, tmp_path):
+    """Stable is calibrated (tiny@3: ood_score among its default protocol outputs), the
+    candidate is not (tiny@2): a /v2 request that names no outputs needs ood_score, so
+    stable answers it whatever the canary share; one that names probabilities only may
+    get the candidate. No request fails."""
+    registry, first, _ = calibrated
+    assert first.returncode == 0, first.stdout + first.stderr
+    root = tmp_path / "registry"
+    shutil.copytree(registry.root, root)
+    Registry(root).set_alias("tiny", "production", "3")
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    images = {"name": "images", "shape": [1, 3, 32, 32], "datatype": "UINT8",
+              "data": pixels.ravel().tolist()}  # fmt: skip
+    with serve(root) as srv:
+        r = start(srv.url, "2", [{"mode": "canary", "percent": 90}], {"min_samples": 10**9})
+        assert r.status_code == 200, r.text
+        answers = []
+        for outputs in ([], [{"name": "probabilities"}]):
+            for i in range(30):
+                body = {"inputs": [images], "outputs": outputs}
+                r = httpx.post(
+                    f"{srv.url}/v2/models/tiny/infer",
+                    json=body,
+                    headers={"x-client-key": f"c{i}"},
+                    timeout=60,
+                )
+                assert r.status_code == 200, r.text
+                names = {o["name"] for o in r.json()["outputs"]}
+                answers.append((bool(outputs), r.json()["model_version"], names))
+    default = [(v, names) for named, v, names in answers if not named]
+    assert {v for v, _ in default} == {"3"} and all("ood_score" in n for _, n in default)
+    assert "2" in {v for named, v, _ in answers if named}  # 90 %: the candidate answers

@@ -28,7 +28,7 @@ Size limits, derived from the largest valid request (``max_images_per_request`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -228,7 +228,9 @@ async def run_inference(
 ) -> Inference:
     """A validated request through the data plane: ``images`` as pixels, ``image_bytes``
     as files (decoded exactly as ``/predict`` decodes uploads: same limits and errors);
-    ``route``: the version it pins or its client key (``service.frontends.versions``)."""
+    ``route``: the version it pins or its client key (``service.frontends.versions``),
+    and the outputs the answer must hold."""
+    route = replace(route, outputs=tuple(o.name for o in request.outputs))
     if request.images is not None:
         return await plane.infer(pixels=np.asarray(request.images), protocol=protocol, route=route)
     files = [ImageFile(f"image_bytes[{i}]", f) for i, f in enumerate(request.image_bytes or [])]
