@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up (first run only) and run the whole test suite. Extra arguments go to pytest.
+# Set up (first run only) and run the test suite. Extra arguments go to pytest.
+# Tests marked slow (training resumes, the production model on 1,000 images, calibration
+# end to end: minutes each) are skipped unless SEEDNET_SKIP_SLOW=0; .ci/run runs them too.
 set -euo pipefail
+export SEEDNET_SKIP_SLOW=${SEEDNET_SKIP_SLOW:-1}
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev
 # Debian packages some tests need, installed when we can (else those tests are skipped):

@@ -242,7 +242,7 @@ class Batcher:
         if wait > self.queue_timeout:
             self.stats.on_reject("queue_full")
             raise Overloaded(
-                f"the server is at capacity: the {self.queued_images} images waiting take "
+                f"the server is at capacity: the {self.images_ahead()} images ahead take "
                 f"about {wait:.2f} s, more than the {self.queue_timeout:.3g} s a request may "
                 "wait (SEEDNET_QUEUE_TIMEOUT_MS); retry shortly",
                 retry_after=self.retry_after(),

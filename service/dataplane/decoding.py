@@ -38,6 +38,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
 
 from service.dataplane.images import (
@@ -186,15 +187,23 @@ def _decode_one(opened: OpenedImage, filename: str | None, size: int) -> Prepare
 
 
 async def decode_files(
-    pool: DecodePool, files: Sequence[ImageFile], limits: ImageLimits, size: int = 32
+    pool: DecodePool,
+    files: Sequence[ImageFile],
+    limits: ImageLimits,
+    size: int = 32,
+    hold: Callable[[int], AbstractContextManager] | None = None,
 ) -> list[PreparedImage]:
-    """Every upload as a model input, within the request's budget, fairly scheduled."""
+    """Every upload as a model input, within the request's budget, fairly scheduled.
+
+    ``hold(n)`` is entered once every header passed the limits, around the decoding of
+    the pixels (admission counts the images from then on; a refused request never)."""
     opened = await pool.run(_open_all, files, limits, size, served=0)
     prepared: list[PreparedImage] = []
     served = 0
-    for u, o in zip(files, opened, strict=True):
-        prepared.append(
-            await pool.run(_decode_one, o, u.name, size, served=served, pixels=o.decode_pixels)
-        )
-        served += o.decode_pixels
+    with hold(len(files)) if hold is not None else nullcontext():
+        for u, o in zip(files, opened, strict=True):
+            prepared.append(
+                await pool.run(_decode_one, o, u.name, size, served=served, pixels=o.decode_pixels)
+            )
+            served += o.decode_pixels
     return prepared

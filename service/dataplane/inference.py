@@ -86,12 +86,16 @@ class DataPlane:
         """A front end's own stage (``read_body``, ``parse``, ``serialise``)."""
         self.metrics.observe_stage(stage, protocol, seconds)
 
-    async def decode(self, files: Sequence[ImageFile], protocol: str) -> list[PreparedImage]:
+    async def decode(
+        self, files: Sequence[ImageFile], protocol: str, admitted: bool = False
+    ) -> list[PreparedImage]:
         """Uploads as model inputs, on the decode pool, within the request's limits (the
         ``decode`` stage); what :meth:`infer` does with files, for other consumers of
-        the images (explanations)."""
+        the images (explanations). ``admitted``: images bound for the model queue, counted
+        by admission while their pixels are decoded."""
         t0 = time.perf_counter()
-        images = await decode_files(self.decoder, files, self.limits)
+        hold = self.batcher.preparing if admitted else None
+        images = await decode_files(self.decoder, files, self.limits, hold=hold)
         self.metrics.observe_stage("decode", protocol, time.perf_counter() - t0)
         return images
 
@@ -117,8 +121,8 @@ class DataPlane:
         canary = model is None and split.canary(route)
         images = None
         if files is not None:
-            with self.batcher.preparing(len(files)):  # 429 before decoding what cannot run
-                images = await self.decode(files, protocol)
+            self.batcher.admit(len(files))  # 429 before decoding what cannot start in time
+            images = await self.decode(files, protocol, admitted=True)
             pixels = np.stack([p.array for p in images])
         assert pixels is not None
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1:] != PIXEL_SHAPE:

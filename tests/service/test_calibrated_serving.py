@@ -120,3 +120,48 @@ def test_noise_is_flagged_and_the_monitoring_series_follow_the_answers(served):
     assert delta(f"seednet_confidence_count{version}") == 8
     assert delta(f"seednet_ood_score_count{version}") == 8
     assert delta(f"seednet_out_of_distribution_total{version}") == flagged
+
+
+@pytest.mark.browser
+def test_the_page_says_when_an_upload_looks_like_none_of_the_classes(served, cifar_dir, tmp_path):
+    """/attention shows the out-of-distribution notice exactly when /predict flags the
+    file: noise is flagged by the calibrated tiny model, a real test image is not."""
+    from playwright.sync_api import expect
+
+    from tests.service.test_attention_page import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+
+    srv, _ = served
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing")  # (test_attention_page fails under CI for it)
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(png(np.random.default_rng(3).integers(0, 256, (3, 32, 32), np.uint8)))
+    flags = {}
+    for path in (noise, *sorted((cifar_dir / "test" / "ship").glob("*.jpg"))[:20]):
+        r = httpx.post(f"{srv.url}/predict", files={"file": (path.name, path.read_bytes())})
+        flags[path] = r.json()["predictions"][0]["out_of_distribution"]
+    assert flags[noise] is True
+    in_distribution = next((p for p, f in flags.items() if f is False), None)
+    assert in_distribution is not None, "every real test image was flagged"
+
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{srv.url}/attention")
+            for path, flagged in ((noise, True), (in_distribution, False)):
+                page.set_input_files("#file-input", str(path))
+                expect(page.locator("#predicted-label")).not_to_be_empty()
+                expect(page.locator("#app")).to_have_attribute("data-state", "ready")
+                notice = page.locator("#ood-notice")
+                if flagged:
+                    expect(notice).to_be_visible()
+                    expect(notice).to_contain_text("any of the ten classes")
+                else:
+                    expect(notice).to_be_hidden()
+        finally:
+            browser.close()

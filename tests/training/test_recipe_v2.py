@@ -431,6 +431,7 @@ def v2_args(data, out, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_v2_resumes_exactly_with_its_ema_flips_and_groups(cifar_dir, tmp_path):
     """1 + 1 epochs of v2 equal 2 epochs bit for bit: the lookahead EMA (which starts
     mid-run), the alternating flips (which depend on the epoch), the parameter groups

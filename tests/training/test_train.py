@@ -89,6 +89,7 @@ def test_two_epochs_lower_the_loss_and_write_every_artefact(cifar_dir, tmp_path)
     assert "final model" in r.stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_epoch_with_the_same_result(cifar_dir, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ["--epochs", "2"]
@@ -113,6 +114,7 @@ def fast_args(data, out, *extra: str) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_fast_recipe_resumes_exactly_with_its_ema_and_schedule(cifar_dir, tmp_path):
     """The shipped models use `fast` (one-cycle lr, EMA of the weights, label smoothing).
 
@@ -137,6 +139,7 @@ def test_fast_recipe_resumes_exactly_with_its_ema_and_schedule(cifar_dir, tmp_pa
     assert [h["lr"] for h in resumed] == [h["lr"] for h in history]
 
 
+@pytest.mark.slow
 def test_the_reported_accuracy_is_that_of_the_published_ema_weights(cifar_dir, tmp_path):
     """`fast` publishes the EMA of the weights; summary.json (and so the registry's
     manifest) must report what those weights score, not what the raw weights score.

@@ -59,6 +59,7 @@
     label: byId("predicted-label"),
     confidence: byId("confidence"),
     runnerUp: byId("runner-up"),
+    oodNotice: byId("ood-notice"),
     probChart: byId("probabilities-chart"),
     attChart: byId("attention-chart"),
     attLegend: byId("attention-legend"),
@@ -347,6 +348,8 @@
     el.runnerUp.textContent = others.length
       ? "Next: " + others.map(function (t) { return t.label + " " + formatPercent(t.probability); }).join(", ")
       : "";
+    // A calibrated version flags inputs unlike its training images (docs/calibration.md).
+    if (el.oodNotice) el.oodNotice.hidden = pred.out_of_distribution !== true;
 
     renderProbabilities(pred);
     var blocks = Array.isArray(pred.attention) ? pred.attention.length : 0;
