@@ -1,5 +1,5 @@
 """The registry's command line: list, show, promote, rollback, verify, seal, repair, delete,
-materialize.
+rollout (start, status, abort), materialize.
 
 Building exports needs the network code (torch), which this package never imports: the
 caller passes a ``materialize`` function in. ``python -m service.registry_cli`` (and the
@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from registry.errors import MetadataError, RegistryError
+from registry.errors import InvalidRolloutError, MetadataError, RegistryError
+from registry.rollouts import MODES, Rollout, Rule, parse_steps
 from registry.store import DEFAULT_ALIAS, ModelVersion, Registry, split_ref
 
 Materializer = Callable[[Registry, ModelVersion], object]
@@ -137,6 +138,104 @@ def _cmd_delete(registry: Registry, args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_rule(path: str | None) -> Rule:
+    if path is None:
+        return Rule()
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise InvalidRolloutError(f"cannot read the rule file {path}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidRolloutError(f"the rule file {path} is not JSON: {e}") from e
+    return Rule.from_dict(data)
+
+
+def _cmd_rollout_start(registry: Registry, args: argparse.Namespace) -> int:
+    name, candidate = split_ref(args.ref)
+    if candidate is None:
+        raise InvalidRolloutError(f"name the candidate version: {name}@VERSION")
+    then = list(args.then or [])
+    for mode, _ in then:
+        if mode not in MODES:
+            raise InvalidRolloutError(f"--then takes a mode ({', '.join(MODES)}), got {mode!r}")
+    steps = parse_steps(args.shadow, then)
+    rule = _read_rule(args.rule)
+    rollout = registry.start_rollout(name, candidate, steps, rule, args.alias, by=_who())
+    print(f"started rollout {rollout.id}: {name}@{rollout.candidate} against {rollout.alias} "
+          f"-> {rollout.stable}")  # fmt: skip
+    _print_rollout(rollout)
+    print("serving processes that read this registry pick it up at their next check")
+    return 0
+
+
+def _cmd_rollout_status(registry: Registry, args: argparse.Namespace) -> int:
+    names = registry.names() if args.name is None else [split_ref(args.name)[0]]
+    states = {name: registry.rollout_state(name) for name in names}
+    if args.json:
+        print(json.dumps({n: s.to_dict() for n, s in states.items()}, indent=2))
+        return 0
+    shown = False
+    for name, state in states.items():
+        latest = state.latest
+        if latest is None:
+            if args.name is not None:
+                print(f"{name}: no rollout yet")
+            continue
+        shown = True
+        print(f"{name}: rollout {latest.id} {latest.state}, {latest.alias}: {latest.stable} "
+              f"(stable) -> {latest.candidate} (candidate)")  # fmt: skip
+        _print_rollout(latest)
+    if not shown and args.name is None:
+        print(f"no rollouts in {registry.root}")
+    return 0
+
+
+def _cmd_rollout_abort(registry: Registry, args: argparse.Namespace) -> int:
+    name = split_ref(args.name)[0]
+    rollout = registry.abort_rollout(name, args.reason or "", by=_who())
+    print(f"aborted rollout {rollout.id}: {rollout.alias} stays at {name}@{rollout.stable}; "
+          f"{name}@{rollout.candidate} is dropped by the serving processes")  # fmt: skip
+    return 0
+
+
+class _AppendCanary(argparse.Action):
+    """``--canary PCTS``: ``--then canary PCTS``, in the order the steps were given."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        steps = list(getattr(namespace, self.dest, None) or [])
+        steps.append(("canary", values))
+        setattr(namespace, self.dest, steps)
+
+
+def _who() -> str:
+    return f"cli:{os.environ.get('USER') or os.getuid()}@{os.uname().nodename}"
+
+
+def _print_rollout(rollout: Rollout) -> None:
+    steps = []
+    for i, step in enumerate(rollout.steps):
+        here = " (now)" if rollout.running and i == rollout.step else ""
+        steps.append(f"{step}{here}")
+    print(f"  steps: {', '.join(steps)}, then {rollout.alias} -> {rollout.candidate}")
+    rule = rollout.rule
+    print(
+        f"  rule: at least {rule.min_samples} samples per step; error rate at most "
+        f"{rule.max_error_rate_increase:g} above stable; p99 model time (canary) at most "
+        f"{rule.max_p99_ratio:g}x stable; top-1 agreement (shadow) at least "
+        f"{rule.min_agreement:g}"
+        + (f"; a step fails after {rule.max_step_s:g} s" if rule.max_step_s else "")
+    )
+    if rule.check is not None:
+        status = "passed" if rollout.checked else "pending: no traffic before it passes"
+        print(
+            f"  check set: {rule.check.folder} ({rule.check.per_class} per class), accuracy "
+            f"at least {rule.check.min_accuracy:g}: {status}"
+        )
+    for d in rollout.decisions:
+        print(f"  {d.time}  step {d.step + 1}  {d.action:<8}  {d.reason}")
+
+
 def build_parser(materialize: Materializer | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service.registry_cli", description="Inspect and manage the model registry."
@@ -188,6 +287,50 @@ def build_parser(materialize: Materializer | None = None) -> argparse.ArgumentPa
     p.add_argument("name")
     p.add_argument("version")
     p.set_defaults(func=_cmd_delete)
+    rollout = sub.add_parser(
+        "rollout",
+        help="roll a candidate version out to an alias: shadow, canary steps, then the alias "
+        "(decided by the serving processes on live evidence)",
+    )
+    steps = rollout.add_subparsers(dest="rollout_command", required=True)
+    p = steps.add_parser(
+        "start",
+        help="start a rollout, e.g. seednet@2 --shadow 20 --then canary 10,50 --rule rule.json",
+    )
+    p.add_argument("ref", metavar="NAME@VERSION", help="the candidate")
+    p.add_argument("--alias", default=DEFAULT_ALIAS, help="the alias it replaces (production)")
+    p.add_argument(
+        "--shadow", type=float, metavar="PCT", help="first step: shadow this share of requests"
+    )
+    p.add_argument(
+        "--then",
+        nargs=2,
+        action="append",
+        metavar=("MODE", "PCTS"),
+        help="further steps: a mode (canary or shadow) and comma-separated shares",
+    )
+    p.add_argument(
+        "--canary",
+        dest="then",
+        action=_AppendCanary,
+        metavar="PCTS",
+        help="same as --then canary PCTS",
+    )
+    p.add_argument(
+        "--rule",
+        metavar="FILE",
+        help="JSON rule: min_samples, max_error_rate_increase, max_p99_ratio, "
+        "min_agreement, max_step_s, check {folder, min_accuracy, per_class}",
+    )
+    p.set_defaults(func=_cmd_rollout_start)
+    p = steps.add_parser("status", help="the latest rollout of each model and its decisions")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="rollouts.json as it is stored")
+    p.set_defaults(func=_cmd_rollout_status)
+    p = steps.add_parser("abort", help="stop the running rollout: the alias stays where it is")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--reason", help="recorded with the decision")
+    p.set_defaults(func=_cmd_rollout_abort)
     if materialize is not None:
 
         def _cmd_materialize(registry: Registry, args: argparse.Namespace) -> int:

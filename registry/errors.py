@@ -53,3 +53,10 @@ class StoreUnavailableError(StorageError):
     endpoint, timeout). Nothing changed; a served model keeps serving."""
 
     code = "registry_unavailable"
+
+
+class InvalidRolloutError(RegistryError):
+    """A rollout command or rule that cannot be carried out as given (a bad step, share,
+    threshold or field). Nothing was written."""
+
+    code = "invalid_rollout"

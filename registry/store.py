@@ -15,6 +15,10 @@ Layout (the same keys in a local folder and in an object store)::
     <root>/<name>/aliases.log                  every aliases.json written, one JSON per line
                                                (what `repair` restores a corrupt file from)
     <root>/<name>/deleted.json                 versions removed by `delete` (never reused)
+    <root>/<name>/rollouts.json                the rollouts of a candidate, with their
+                                               decisions (registry.rollouts); written by
+                                               compare-and-swap like aliases.json
+    <root>/<name>/rollouts.log                 every rollout record written, one JSON per line
 
 ``root`` is a folder (the default), ``file://PATH`` or ``s3://bucket/prefix``; the
 medium's own guarantees (commit point, lock, compare-and-swap) live in
@@ -58,6 +62,15 @@ from registry.manifest import (
     FileEntry,
     Manifest,
     VersionSpec,
+)
+from registry.rollouts import (
+    ROLLOUTS,
+    ROLLOUTS_LOG,
+    Rollout,
+    RolloutState,
+    Rule,
+    Step,
+    parse_rollouts,
 )
 from registry.storage import Storage, open_storage
 
@@ -248,6 +261,18 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     if sep and not rest:
         raise InvalidNameError(f"invalid reference {ref!r}: nothing after '@'")
     return validate_name(name, "model name"), (rest if sep else None)
+
+
+def _decision_note(rollout: Rollout) -> dict:
+    """What the alias journal records of a rollout's latest decision."""
+    d = rollout.decisions[-1]
+    return {
+        "rollout": rollout.id,
+        "alias": rollout.alias,
+        "stable": rollout.stable,
+        "candidate": rollout.candidate,
+        **d.to_dict(),
+    }
 
 
 # ---------------------------------------------------------------------------- registry
@@ -444,21 +469,51 @@ class Registry:
         return AliasState(current, history, token)
 
     def _write_aliases(
-        self, name: str, current: dict[str, str], history: dict[str, list[str]], expected: str
+        self,
+        name: str,
+        current: dict[str, str],
+        history: dict[str, list[str]],
+        expected: str,
+        note: dict | None = None,
     ) -> str:
         """Replace aliases.json if its token is still ``expected`` (the commit point), then
-        journal it in aliases.log; the new token."""
+        journal it in aliases.log (with ``note``: why it moved); the new token."""
         state = {"aliases": current, "history": history}
         with self._writing(f"{name}/{ALIASES}"):
             token = self.storage.write_state(f"{name}/{ALIASES}", dump_json(state), expected)
         # The journal is what `repair` restores from. It is written after the commit
         # point: failing here must not report an alias change that did happen as failed.
-        line = json.dumps(
-            {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state}
-        )
-        with suppress(OSError, RegistryError):
-            self.storage.append_line(f"{name}/{ALIASES_LOG}", line)
+        self._journal_aliases(name, state, note)
         return token
+
+    def _journal_aliases(self, name: str, state: dict, note: dict | None) -> None:
+        entry = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **state}
+        if note is not None:
+            entry["note"] = note
+        with suppress(OSError, RegistryError, TypeError, ValueError):
+            self.storage.append_line(f"{name}/{ALIASES_LOG}", json.dumps(entry))
+
+    def note_aliases(self, name: str, note: dict) -> None:
+        """Add ``note`` (a decision that left the aliases where they are, with its
+        evidence) to the alias history journal, aliases.log, beside the current state."""
+        state = self.alias_state(name)
+        self._journal_aliases(name, {"aliases": state.aliases, "history": state.history}, note)
+
+    def alias_journal(self, name: str) -> list[dict]:
+        """Every entry of aliases.log that parses, oldest first: ``time``, ``aliases``,
+        ``history`` and, for a move or decision that gave its reason, ``note``."""
+        validate_name(name, "model name")
+        try:
+            raw = self.storage.read_optional(f"{name}/{ALIASES_LOG}")
+        except OSError as e:
+            raise MetadataError(f"{name}/{ALIASES_LOG} is unreadable: {os_reason(e)}") from e
+        entries = []
+        for line in (raw or b"").decode("utf-8", errors="replace").splitlines():
+            with suppress(json.JSONDecodeError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
 
     def _move_aliases(
         self,
@@ -468,10 +523,11 @@ class Registry:
         history: dict[str, list[str]],
         target: str,
         doing: str,
+        note: dict | None = None,
     ) -> None:
         """Write the new alias state over ``before`` (compare-and-swap), or ConflictError."""
         try:
-            token = self._write_aliases(name, current, history, before.token)
+            token = self._write_aliases(name, current, history, before.token, note)
         except ConflictError as e:
             raise ConflictError(
                 f"the aliases of {name!r} moved while {doing} (another promote or rollback "
@@ -644,13 +700,19 @@ class Registry:
     # -- aliases
 
     def set_alias(
-        self, name: str, alias: str, version: str, expected_token: str | None = None
+        self,
+        name: str,
+        alias: str,
+        version: str,
+        expected_token: str | None = None,
+        note: dict | None = None,
     ) -> None:
         """Point ``alias`` at an existing ``version`` (recorded in the alias history).
 
         A compare-and-swap of aliases.json: ConflictError, and nothing written, if another
         writer moved any alias of ``name`` since this call read them, or since the state
-        whose ``token`` is ``expected_token`` (see :meth:`alias_state`).
+        whose ``token`` is ``expected_token`` (see :meth:`alias_state`). ``note`` (why,
+        with what evidence) goes with the move into the journal, aliases.log.
         """
         _check_alias(alias)
         if not is_version(str(version)):
@@ -659,12 +721,23 @@ class Registry:
             target = self._resolve_version(name, str(version))
             before = self.alias_state(name)
             self._check_expected(name, before, expected_token)
+            self.refuse_during_rollout(name, alias)
             if before.aliases.get(alias) == target:
                 return  # re-promoting the current target must not add a rollback step
             current = {**before.aliases, alias: target}
             history = {a: list(v) for a, v in before.history.items()}
             history.setdefault(alias, []).append(target)
-            self._move_aliases(name, before, current, history, target, f"promoting {alias!r}")
+            self._move_aliases(name, before, current, history, target, f"promoting {alias!r}", note)
+
+    def refuse_during_rollout(self, name: str, alias: str) -> None:
+        """ConflictError when a running rollout owns ``alias``: it moves the alias itself."""
+        running = self.rollout_state(name).running
+        if running is not None and running.alias == alias:
+            raise ConflictError(
+                f"a rollout of {name}@{running.candidate} to {alias!r} is running "
+                f"({running.id}); it moves the alias itself when its rule passes: wait for "
+                f"its decision, or `rollout abort {name}` first"
+            )
 
     def _check_expected(self, name: str, state: AliasState, expected: str | None) -> None:
         if expected is not None and expected != state.token:
@@ -681,6 +754,7 @@ class Registry:
         with self._alias_writing(name):
             before = self.alias_state(name)
             self._check_expected(name, before, expected_token)
+            self.refuse_during_rollout(name, alias)
             if alias not in before.aliases:
                 raise NotFoundError(f"alias {alias!r} of {name!r} is not set")
             targets = before.history.get(alias, [])
@@ -698,6 +772,195 @@ class Registry:
             current = {**before.aliases, alias: previous}
             self._move_aliases(name, before, current, history, previous, f"rolling back {alias!r}")
             return previous
+
+    # -- rollouts (registry.rollouts: the record, its steps and rule)
+
+    def rollout_state(self, name: str) -> RolloutState:
+        """Every kept rollout of ``name``, the revision and the token of rollouts.json."""
+        key = f"{validate_name(name, 'model name')}/{ROLLOUTS}"
+        try:
+            raw, token = self.storage.read_state(key)
+        except OSError as e:
+            raise self._corrupt_rollouts(name, f"{key} is unreadable: {os_reason(e)}") from e
+        return self._parse_rollout_state(name, raw, token)
+
+    def rollout_state_if_changed(self, name: str, token: str) -> RolloutState | None:
+        """The rollout state, or None while ``token`` is current (one conditional read,
+        as :meth:`alias_state_if_changed`): what every serving process polls."""
+        key = f"{validate_name(name, 'model name')}/{ROLLOUTS}"
+        try:
+            changed = self.storage.read_state_if_changed(key, token)
+        except OSError as e:
+            raise self._corrupt_rollouts(name, f"{key} is unreadable: {os_reason(e)}") from e
+        return None if changed is None else self._parse_rollout_state(name, *changed)
+
+    def _corrupt_rollouts(self, name: str, problem: str) -> MetadataError:
+        return MetadataError(
+            f"{problem}; the versions and aliases are unaffected: run `python -m "
+            f"service.registry_cli repair {name}` to restore it from {ROLLOUTS_LOG}"
+        )
+
+    def _parse_rollout_state(self, name: str, raw: bytes | None, token: str) -> RolloutState:
+        if raw is None:
+            return RolloutState((), 0, token)
+        where = f"{name}/{ROLLOUTS}"
+        try:
+            return parse_rollouts(parse_json(raw, where, MetadataError), where, token)
+        except MetadataError as e:
+            raise self._corrupt_rollouts(name, str(e)) from e
+
+    def _write_rollouts(self, name: str, before: RolloutState, rollout: Rollout) -> RolloutState:
+        """Write ``rollout`` over ``before`` (compare-and-swap on its token), then journal
+        it in rollouts.log; the new state. ConflictError, nothing written, if it moved."""
+        after = RolloutState(before.with_latest(rollout), before.revision + 1, "")
+        key = f"{name}/{ROLLOUTS}"
+        try:
+            with self._writing(key):
+                token = self.storage.write_state(key, dump_json(after.to_dict()), before.token)
+        except ConflictError as e:
+            raise ConflictError(
+                f"the rollouts of {name!r} changed meanwhile (another start, decision or "
+                "abort won the race); nothing was changed: check `rollout status` and retry"
+            ) from e
+        line = {"time": rollout.decisions[-1].time, "revision": after.revision}
+        with suppress(OSError, RegistryError):
+            self.storage.append_line(
+                f"{name}/{ROLLOUTS_LOG}", json.dumps({**line, "rollout": rollout.to_dict()})
+            )
+        return replace(after, token=token)
+
+    def start_rollout(
+        self,
+        name: str,
+        candidate: str,
+        steps: tuple[Step, ...],
+        rule: Rule,
+        alias: str = DEFAULT_ALIAS,
+        by: str = "",
+    ) -> Rollout:
+        """Start rolling ``name@candidate`` out to ``alias`` through ``steps`` under ``rule``.
+
+        Refused, with nothing written: an unknown model, version or unset alias
+        (NotFoundError), a candidate that is what the alias names already or a rollout
+        of ``name`` still running (ConflictError). The serving processes do the rest.
+        """
+        _check_alias(alias)
+        if not is_version(str(candidate)):
+            raise InvalidNameError(f"the candidate must be a version number, got {candidate!r}")
+        if not steps or not all(isinstance(s, Step) for s in steps):
+            raise TypeError("steps must be registry.rollouts.Step (see validate_steps)")
+        with self._alias_writing(name):
+            candidate = self._resolve_version(name, str(candidate))
+            aliases = self.alias_state(name).aliases
+            if alias not in aliases:
+                raise NotFoundError(
+                    f"alias {alias!r} of {name!r} is not set: promote a first version, "
+                    "then roll the next one out against it"
+                )
+            stable = aliases[alias]
+            if stable == candidate:
+                raise ConflictError(
+                    f"{name}@{candidate} is what {alias!r} names already: nothing to roll out"
+                )
+            before = self.rollout_state(name)
+            running = before.running
+            if running is not None:
+                raise ConflictError(
+                    f"a rollout of {name!r} is running already ({running.id}: "
+                    f"{running.stable} -> {running.candidate}); wait for its decision or "
+                    "abort it first"
+                )
+            rollout = Rollout.new(name, alias, stable, candidate, tuple(steps), rule, by)
+            self._write_rollouts(name, before, rollout)
+        self._note_decision(name, rollout)
+        return rollout
+
+    def decide_rollout(
+        self,
+        name: str,
+        rollout_id: str,
+        action: str,
+        reason: str,
+        evidence: dict | None = None,
+        by: str = "",
+        step: int | None = None,
+    ) -> Rollout:
+        """Record a decision of the running rollout ``rollout_id`` (registry.rollouts.ACTIONS)
+        with its evidence, in rollouts.json and in the alias journal; on ``promote`` the
+        alias moves to the candidate right after.
+
+        A compare-and-swap: ConflictError, nothing written, when ``rollout_id`` is no longer
+        the running rollout (another process decided first, or it was aborted), when
+        ``step`` (the step the decision was taken on, if given) is no longer its current
+        step, or when a ``check`` finds the check set already passed: two processes that
+        judge the same step write one decision between them.
+        """
+        with self._alias_writing(name):
+            before = self.rollout_state(name)
+            running = before.running
+            if running is None or running.id != rollout_id:
+                latest = before.latest
+                now = f"{latest.id} is {latest.state}" if latest is not None else "none exists"
+                raise ConflictError(
+                    f"rollout {rollout_id} of {name!r} is not running ({now}); nothing was changed"
+                )
+            if step is not None and running.step != step:
+                raise ConflictError(
+                    f"rollout {rollout_id} of {name!r} is at step {running.step + 1}, not "
+                    f"{step + 1}: another process decided first; nothing was changed"
+                )
+            if action == "check" and running.checked:
+                raise ConflictError(
+                    f"the check set of rollout {rollout_id} of {name!r} was passed already; "
+                    "nothing was changed"
+                )
+            after = running.decided(action, reason, evidence, by)
+            self._write_rollouts(name, before, after)
+        if action == "promote":
+            self.finish_promotion(name, after)
+        else:
+            self._note_decision(name, after)
+        return after
+
+    def abort_rollout(self, name: str, reason: str = "", by: str = "") -> Rollout:
+        """Stop the running rollout of ``name``: the candidate is dropped, the alias stays.
+        ConflictError when none is running."""
+        running = self.rollout_state(name).running
+        if running is None:
+            raise ConflictError(f"no rollout of {name!r} is running; nothing to abort")
+        return self.decide_rollout(
+            name, running.id, "abort", reason or "aborted by an operator", by=by
+        )
+
+    def finish_promotion(self, name: str, rollout: Rollout) -> bool:
+        """Point the alias of a promoted ``rollout`` at its candidate, if it still names the
+        stable version; True if this call moved it.
+
+        The promote writes rollouts.json first, then the alias: a process that dies in
+        between leaves a promoted record with the alias unmoved, and whoever reads the
+        record next calls this (idempotent). An alias someone else moved meanwhile is left.
+        """
+        if rollout.state != "promoted":
+            return False
+        state = self.alias_state(name)
+        if state.aliases.get(rollout.alias) != rollout.stable:
+            return False
+        try:
+            self.set_alias(
+                name,
+                rollout.alias,
+                rollout.candidate,
+                expected_token=state.token,
+                note=_decision_note(rollout),
+            )
+        except ConflictError:
+            return False  # moved meanwhile: by another process finishing it, or a person
+        return True
+
+    def _note_decision(self, name: str, rollout: Rollout) -> None:
+        # the alias journal is best effort, as for alias moves: never fail a decision on it
+        with suppress(OSError, RegistryError):
+            self.note_aliases(name, _decision_note(rollout))
 
     # -- integrity
 
@@ -828,6 +1091,7 @@ class Registry:
             self._deleted(name)
         except MetadataError as e:
             problems.append(f"{e}; run `python -m service.registry_cli repair {name}`")
+        problems += self._check_rollouts(name, existing)
         for d in self.storage.debris(name):
             if d.alive:
                 warnings.append(f"{d.where}: temporary, in use by a running writer")
@@ -837,6 +1101,27 @@ class Registry:
                     "the next publish or `repair`"
                 )
         return problems, warnings
+
+    def _check_rollouts(self, name: str, existing: set[str]) -> list[str]:
+        """Problems of rollouts.json: unreadable or malformed; a running rollout whose
+        versions or alias are gone, or for another model."""
+        try:
+            state = self.rollout_state(name)
+        except MetadataError as e:
+            return [str(e)]
+        running = state.running
+        if running is None:
+            return []
+        where = f"{ROLLOUTS}: running rollout {running.id}"
+        roles = (("stable version", running.stable), ("candidate", running.candidate))
+        problems = [
+            f"{where}: its {role} {name}@{version} does not exist; `rollout abort {name}`"
+            for role, version in roles
+            if version not in existing
+        ]
+        if running.model != name:
+            problems.append(f"{where} is for model {running.model!r}, but lives in {name}/")
+        return problems
 
     def seal(self, mv: ModelVersion) -> bool:
         """Write manifest.sha256 for a version published without one; False if it had one.
@@ -891,6 +1176,7 @@ class Registry:
                 listed = ", ".join(f"{a} -> {v}" for a, v in sorted(current.items()))
                 source = f"from {ALIASES_LOG}" if restored else "reset"
                 done.append(f"{name}/{ALIASES} {source}: {listed or 'no aliases'}")
+            done += self._repair_rollouts(name)
             try:
                 self._deleted(name)
             except MetadataError:
@@ -903,6 +1189,40 @@ class Registry:
                 self.storage.write(deleted_key, dump_json({"deleted": gaps}))
                 done.append(f"{name}/{DELETED} rebuilt: {', '.join(gaps) or 'none'} deleted")
         return done
+
+    def _repair_rollouts(self, name: str) -> list[str]:
+        """Rebuild a corrupt rollouts.json from rollouts.log (the newest record of each
+        rollout that parses; the corrupt file kept beside). Holding the model's lock."""
+        key = f"{name}/{ROLLOUTS}"
+        try:
+            self.rollout_state(name)
+            return []
+        except MetadataError:
+            token = self.storage.read_state(key)[1]
+        latest: dict[str, Rollout] = {}
+        revision = 0
+        raw = self.storage.read_optional(f"{name}/{ROLLOUTS_LOG}") or b""
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                rollout = Rollout.from_dict(entry["rollout"], ROLLOUTS_LOG)
+                revision = max(revision, int(entry.get("revision", 0)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, MetadataError):
+                continue  # e.g. the torn last line of a crash
+            latest.pop(rollout.id, None)  # re-inserted: ordered by their latest record
+            latest[rollout.id] = rollout
+        rollouts = list(latest.values())
+        # only the newest may be running: an older one still "running" lost its ending
+        for i, r in enumerate(rollouts[:-1]):
+            if r.running:
+                rollouts[i] = r.decided("abort", "rollouts.json was repaired without its ending")
+        if self.storage.exists(key):
+            self.storage.copy(key, key + ".corrupt")
+        state = RolloutState(tuple(rollouts), revision + 1, "")
+        self.storage.write_state(key, dump_json(state.to_dict()), token)
+        running = state.running
+        now = f"; {running.id} is running" if running else ""
+        return [f"{key} restored from {ROLLOUTS_LOG}: {len(rollouts)} rollout(s){now}"]
 
     def _alias_log(self, name: str) -> list[tuple[dict[str, str], dict[str, list[str]]]]:
         """Every valid state in aliases.log, oldest first (broken lines skipped)."""
@@ -1010,6 +1330,12 @@ class Registry:
             raise InvalidNameError(f"delete takes a version number, got {version!r}")
         with self._locked(name), self._writing(f"{name}/{DELETED}"):
             version = self._resolve_version(name, str(version))
+            running = self.rollout_state(name).running
+            if running is not None and version in (running.stable, running.candidate):
+                raise ConflictError(
+                    f"{name}@{version} is in the running rollout {running.id} "
+                    f"({running.stable} -> {running.candidate}); abort it or let it decide first"
+                )
             pointing = self._aliases_pointing(name, version)
             if pointing:
                 raise ConflictError(

@@ -26,7 +26,8 @@ from service.dataplane.decoding import DecodePool
 from service.dataplane.explaining import ExplainRunner, Explanations
 from service.dataplane.images import ImageLimits
 from service.dataplane.inference import DataPlane
-from service.frontends.api import attention, explain, health, models, predict
+from service.dataplane.shadow import ShadowLane
+from service.frontends.api import attention, explain, health, models, predict, rollouts
 from service.frontends.api.docs import install_docs
 from service.frontends.http.metrics_middleware import install_request_metrics
 from service.frontends.http.rendering import install_error_handlers
@@ -34,6 +35,8 @@ from service.frontends.http.security import SecurityHeadersMiddleware
 from service.frontends.oip import v2
 from service.frontends.oip.grpc import start_grpc_server, stop_grpc_server
 from service.lifecycle.host import ModelHost
+from service.lifecycle.rollout import RolloutController
+from service.lifecycle.siblings import Siblings
 from service.metrics import Metrics
 from service.state import ServiceState
 
@@ -73,20 +76,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         decoder = DecodePool(settings.decode_threads())
         state.host = host
         state.plane = DataPlane(batcher, decoder, limits, metrics, host.current)
+        shadow = ShadowLane(batcher, metrics, settings.shadow_queue_images)
+        batcher.idle_work = state.plane.shadow = shadow
+        siblings = Siblings(metrics)
+        controller = RolloutController(
+            settings, state.registry, metrics, host, state.plane, shadow, siblings, limits
+        )
+        state.rollout = controller
         state.explanations = explanations = build_explanations(settings, metrics, state.plane)
         host.on_swap(explanations.model_changed)
         await host.load(settings.model_ref)  # a failure here stops start-up, loudly
-        watcher = None
+        tasks = [asyncio.create_task(controller.follow(settings.rollout_poll_s))]
         if settings.alias_poll_seconds:
-            watcher = asyncio.create_task(host.follow_alias(settings.alias_poll_seconds))
+            tasks.append(asyncio.create_task(host.follow_alias(settings.alias_poll_seconds)))
+
+        def on_signal() -> None:  # a sibling worker changed the registry: look now
+            host.check_now.set()
+            controller.check_now.set()
+
+        tasks.append(asyncio.create_task(siblings.watch(on_signal)))
         grpc_server = None
         if settings.grpc_port is not None:
             grpc_server = await start_grpc_server(state, settings.grpc_port)
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in tasks:
+                task.cancel()
             if grpc_server is not None:
                 await stop_grpc_server(state, grpc_server)
             await explanations.close()
@@ -117,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_request_metrics(app, metrics)
     docs = {"/docs", "/redoc", app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
     app.add_middleware(SecurityHeadersMiddleware, docs_paths=frozenset(p for p in docs if p))
-    for module in (predict, explain, attention, models, health, v2):
+    for module in (predict, explain, attention, models, rollouts, health, v2):
         app.include_router(module.router)
     install_docs(app)
     app.mount("/static", StaticFiles(directory=str(PAGE_DIR / "static")), name="static")

@@ -157,6 +157,19 @@ class Settings(BaseSettings):
         "off, or 5 s when workers > 1: a promote through one worker reaches all of them)",
     )
 
+    rollout_poll_s: float = Field(
+        2.0,
+        gt=0,
+        description="read the served model's rollout record (one conditional read) and judge "
+        "the running step this often, in seconds",
+    )
+    shadow_queue_images: int = Field(
+        256,
+        gt=0,
+        description="images of shadow traffic that may wait for the model thread; more are "
+        "dropped and counted (seednet_shadow_dropped_total)",
+    )
+
     def cpus_per_worker(self) -> int:
         """Each worker process's share of the CPUs: workers never oversubscribe them."""
         return max(1, available_cpus() // self.workers)

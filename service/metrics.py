@@ -37,8 +37,18 @@ LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# A rollout compares the p99 of two versions: 25 % steps from 0.5 ms to 10 s, so a ratio
+# is read to within a bucket's width wherever the model time lies.
+VERSION_BUCKETS = tuple(round(0.0005 * 1.25**k, 6) for k in range(45))
 # The winning probability, finest near 1 where most answers are.
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+#: What a rollout decides (service.lifecycle.rollout); every value has a series from the start.
+DECISIONS = ("check", "advance", "promote", "rollback", "abort")
+#: Per-worker series that say what the worker serves now: a changed one is zeroed, not
+#: removed (multiprocess mode keeps it in the worker's file), and left out of /metrics.
+STATE_SERIES = ("seednet_model_info", "seednet_rollout_info")
+MODEL_INFO = ("name", "version", "backend", "device")
+ROLLOUT_INFO = ("name", "rollout", "stable", "candidate", "step", "state")
 # ood_score = -logsumexp(logits / T): about -10 for a confident answer, -2.3 (= -log 10)
 # for a uniform one; a version's threshold sits between (about -3.7 for seednet@2).
 OOD_BUCKETS = (-12, -10, -8, -7, -6, -5, -4.5, -4, -3.5, -3, -2.5, -2)
@@ -59,7 +69,7 @@ class _ServingOnly:
 
     def collect(self):
         for metric in self.registry.collect():
-            if metric.name == "seednet_model_info":
+            if metric.name in STATE_SERIES:
                 metric.samples = [s for s in metric.samples if s.value]
             yield metric
 
@@ -120,7 +130,7 @@ class Metrics:
         self.model_info = Gauge(
             "seednet_model_info",
             "the serving model (value 1; one series per worker process)",
-            ["name", "version", "backend", "device"],
+            MODEL_INFO,
             registry=r,
             multiprocess_mode="liveall",
         )
@@ -170,7 +180,6 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-
         # Explanations: their own worker process and queue (service.dataplane.explaining).
         self.explanations = Counter(
             "seednet_explanations",
@@ -204,6 +213,103 @@ class Metrics:
             registry=r,
         )
         self.explain_images = Counter("seednet_explained_images", "images explained", registry=r)
+        self._rollout_metrics(r)
+
+    def _rollout_metrics(self, r: CollectorRegistry) -> None:
+        """Per-version evidence and the state of a rollout (docs/rollouts.md)."""
+        per_version = ["name", "version", "traffic"]
+        self.version_requests = Counter(
+            "seednet_version_requests",
+            "inference requests per model version; traffic: live (answered to the client) "
+            "or shadow (also run on a rollout's candidate, off the request path)",
+            per_version,
+            registry=r,
+        )
+        self.version_errors = Counter(
+            "seednet_version_errors",
+            "inference requests whose forward pass failed or gave non-finite "
+            "probabilities, per model version (a failed canary answer is retried on stable)",
+            per_version,
+            registry=r,
+        )
+        self.version_model_seconds = Histogram(
+            "seednet_version_model_seconds",
+            "forward-pass time of the batch that computed each request, per model version",
+            per_version,
+            buckets=VERSION_BUCKETS,
+            registry=r,
+        )
+        self.version_confidence = Histogram(
+            "seednet_version_confidence",
+            "top-1 probability of every image answered, per model version",
+            per_version,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        pair = ["name", "stable", "candidate"]
+        self.shadow_compared = Counter(
+            "seednet_shadow_compared",
+            "images run on both the stable version and the candidate (shadow traffic)",
+            pair,
+            registry=r,
+        )
+        self.shadow_agreed = Counter(
+            "seednet_shadow_agreed",
+            "shadowed images whose top-1 class is the same on both versions",
+            pair,
+            registry=r,
+        )
+        self.shadow_disagreements = Counter(
+            "seednet_shadow_disagreements",
+            "shadowed images whose top-1 class differs, by (stable label -> candidate label)",
+            [*pair, "stable_label", "candidate_label"],
+            registry=r,
+        )
+        self.shadow_probability_change = Counter(
+            "seednet_shadow_probability_change",
+            "sum over shadowed images of |candidate - stable| probability of stable's top-1 "
+            "class; / seednet_shadow_compared_total = the mean absolute change",
+            pair,
+            registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "seednet_shadow_dropped",
+            "shadow runs dropped because the shadow queue was full (live traffic comes first)",
+            registry=r,
+        )
+        self.rollout_active = Gauge(
+            "seednet_rollout_active",
+            "1 while a rollout of the served alias runs (a candidate loaded beside stable)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_step_seconds = Gauge(
+            "seednet_rollout_step_seconds",
+            "how long the running rollout's current step has lasted (0: no rollout)",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout_decisions = Counter(
+            "seednet_rollout_decisions",
+            "rollout decisions this service took: " + ", ".join(DECISIONS),
+            ["decision"],
+            registry=r,
+        )
+        for decision in DECISIONS:
+            self.rollout_decisions.labels(decision)
+        self.rollout_info = Gauge(
+            "seednet_rollout_info",
+            "the rollout each worker process follows (value 1; one series per worker)",
+            ROLLOUT_INFO,
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.rollout_revision = Gauge(
+            "seednet_rollout_revision",
+            "the revision of rollouts.json each worker process has applied",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
 
     def on_request(
         self, protocol: str, route: str, method: str, status: str, failed: bool, seconds: float
@@ -250,25 +356,124 @@ class Metrics:
 
     def set_model(self, info: dict) -> None:
         """This process now serves ``info``'s model (and no other)."""
-        labels = (info["name"], info["version"], info["backend"], info["device"])
-        # In multiprocess mode a series, once written, stays in this worker's file:
-        # clear() forgets it here only. Zero the old series instead; render() drops them.
-        for sample in self.model_info.collect()[0].samples:
-            old = tuple(sample.labels[k] for k in ("name", "version", "backend", "device"))
-            if old != labels:
-                self.model_info.labels(*old).set(0)
-        self.model_info.labels(*labels).set(1)
+        _set_only(self.model_info, MODEL_INFO, {k: info[k] for k in MODEL_INFO})
 
-    def render(self) -> bytes:
+    # -- per version, shadow traffic and rollouts
+
+    def on_version_answer(
+        self, info: dict, traffic: str, probabilities, model_seconds: float
+    ) -> None:
+        """A request answered by (or shadowed on) ``info``'s version; ``probabilities``
+        is its rows ([images, classes])."""
+        labels = (info["name"], info["version"], traffic)
+        self.version_requests.labels(*labels).inc()
+        self.version_model_seconds.labels(*labels).observe(model_seconds)
+        confidence = self.version_confidence.labels(*labels)
+        for p in probabilities.max(axis=1).tolist():
+            confidence.observe(p)
+
+    def on_version_error(self, info: dict, traffic: str) -> None:
+        labels = (info["name"], info["version"], traffic)
+        self.version_requests.labels(*labels).inc()
+        self.version_errors.labels(*labels).inc()
+
+    def on_shadow(
+        self,
+        stable: dict,
+        candidate: dict,
+        pairs: list[tuple[str, str]],
+        changes: list[float],
+    ) -> None:
+        """Shadowed images compared: (stable label, candidate label) and the absolute
+        change of stable's winning probability, one per image."""
+        labels = (stable["name"], stable["version"], candidate["version"])
+        self.shadow_compared.labels(*labels).inc(len(pairs))
+        agreed = sum(a == b for a, b in pairs)
+        if agreed:
+            self.shadow_agreed.labels(*labels).inc(agreed)
+        for a, b in pairs:
+            if a != b:
+                self.shadow_disagreements.labels(*labels, a, b).inc()
+        self.shadow_probability_change.labels(*labels).inc(sum(changes))
+
+    def set_rollout(
+        self, labels: dict[str, str] | None, revision: int, step_seconds: float
+    ) -> None:
+        """The rollout this process follows now (None: none), the revision applied."""
+        _set_only(self.rollout_info, ROLLOUT_INFO, labels)
+        self.rollout_active.set(1 if labels is not None and labels["state"] == "running" else 0)
+        self.rollout_step_seconds.set(step_seconds)
+        self.rollout_revision.set(revision)
+
+    # -- reading
+
+    def samples(self) -> list:
+        """Every sample of every worker (multiprocess mode: summed as /metrics shows them,
+        per-worker gauges with a ``pid`` label); what rollout evidence is read from."""
+        return [s for metric in self._view().collect() for s in metric.samples]
+
+    def workers(self) -> list[dict]:
+        """What each live worker process serves: pid, model version, the rollout it
+        follows and the revision of rollouts.json it has applied."""
+        own = str(os.getpid())
+        found: dict[str, dict] = {}
+        for s in self.samples():
+            pid = s.labels.get("pid", own)
+            if s.name == "seednet_model_info" and s.value:
+                found.setdefault(pid, {})["version"] = s.labels["version"]
+            elif s.name == "seednet_rollout_info" and s.value:
+                found.setdefault(pid, {})["rollout"] = {
+                    k: s.labels[k] for k in ("rollout", "candidate", "step", "state")
+                }
+            elif s.name == "seednet_rollout_revision":
+                found.setdefault(pid, {})["revision"] = int(s.value)
+        return [
+            {"pid": int(pid), "version": w.get("version"), "rollout": w.get("rollout"),
+             "revision": w.get("revision", 0)}
+            for pid, w in sorted(found.items(), key=lambda kv: int(kv[0]))
+            if "version" in w and _alive(int(pid))
+        ]  # fmt: skip
+
+    def _view(self):
         path = multiprocess_dir()
         if path is None:
-            return generate_latest(_ServingOnly(self.registry))
+            return self.registry
         merged = CollectorRegistry()  # every worker's files, summed
         multiprocess.MultiProcessCollector(merged, path=path)
-        return generate_latest(_ServingOnly(merged))
+        return merged
+
+    def render(self) -> bytes:
+        return generate_latest(_ServingOnly(self._view()))
 
     @staticmethod
     def worker_exited(pid: int) -> None:
         """Drop a finished worker's live gauges (multiprocess mode only)."""
         if multiprocess_dir() is not None:
             multiprocess.mark_process_dead(pid)
+
+
+def _set_only(gauge: Gauge, names: tuple[str, ...], labels: dict[str, str] | None) -> None:
+    """Set the series of ``labels`` to 1 and every other series of ``gauge`` to 0.
+
+    In multiprocess mode a series, once written, stays in this worker's file: clear()
+    forgets it here only. The old series are zeroed instead, and render() drops them.
+    """
+    for sample in gauge.collect()[0].samples:
+        old = {k: sample.labels[k] for k in names}
+        if old != labels and sample.value:
+            gauge.labels(**old).set(0)
+    if labels is not None:
+        gauge.labels(**labels).set(1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a worker process still runs (one killed outright leaves its files behind)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -12,6 +12,7 @@ from service.dataplane.explaining import Explanations
 from service.dataplane.inference import DataPlane
 from service.dataplane.served import ServingModel
 from service.lifecycle.host import ModelHost
+from service.lifecycle.rollout import RolloutController
 from service.metrics import Metrics
 
 
@@ -24,6 +25,7 @@ class ServiceState:
     metrics: Metrics
     host: ModelHost | None = None
     plane: DataPlane | None = None
+    rollout: RolloutController | None = None
     #: Explanations (maps per block and branch), beside the data plane; built by the lifespan.
     explanations: Explanations | None = None
     started: float = field(default_factory=time.time)
@@ -33,6 +35,11 @@ class ServiceState:
     @property
     def model(self) -> ServingModel | None:
         return self.host.model if self.host is not None else None
+
+    @property
+    def candidate(self) -> ServingModel | None:
+        """A rollout's candidate, loaded beside the serving model (None: no rollout)."""
+        return self.host.candidate if self.host is not None else None
 
     @property
     def ready(self) -> bool:

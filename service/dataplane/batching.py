@@ -27,6 +27,11 @@ is never spent on an answer that is thrown away. Both refusals say when to retry
 A request may pin the model it runs on (a rollout's candidate, say); requests pinned to
 different models never share a batch. Unpinned requests run on the model serving when
 their batch starts, so a swap never fails a request.
+
+Work that no client waits for (a rollout's shadow traffic, ``service.dataplane.shadow``)
+runs only when no request is queued: :class:`IdleWork` is asked for one batch at a time
+whenever the queue is empty, so a request waits at most for the one such batch that is
+running, and that time is not held against its deadline.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -57,7 +62,7 @@ WAITED: ContextVar[float] = ContextVar("seednet_door_wait", default=0.0)
 DOOR_POLL = 0.02
 
 
-@dataclass
+@dataclass(eq=False)  # identity: deque.remove must never compare the images
 class _Chunk:
     """At most ``max_batch_size`` images of one request, waiting for a batch."""
 
@@ -122,6 +127,15 @@ class ServiceRate:
         self.samples += 1
 
 
+class IdleWork(Protocol):
+    """Background work the batcher runs between requests (see the module docstring)."""
+
+    def pending(self) -> bool: ...
+
+    async def run_one(self) -> None:
+        """Run one batch (on the model thread, ``Batcher.run_in_model_thread(kind=...)``)."""
+
+
 class Batcher:
     """Dynamic batching on one worker thread (see the module docstring)."""
 
@@ -156,11 +170,16 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seednet-model")
         self._task: asyncio.Task | None = None
+        self.idle_work: IdleWork | None = None
 
     # -- life ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="batcher")
+
+    def wake(self) -> None:
+        """Idle work was added: look at it if no request is queued."""
+        self._wakeup.set()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -377,6 +396,10 @@ class Batcher:
     async def _worker(self) -> None:
         while True:
             if not self._queue:
+                if self.idle_work is not None and self.idle_work.pending():
+                    with contextlib.suppress(Exception):  # it reports its own failures
+                        await self.idle_work.run_one()
+                    continue
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue

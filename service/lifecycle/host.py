@@ -5,12 +5,18 @@
 (``load_model``); requests keep flowing to the old model meanwhile, and a batch that
 started finishes on the model it started with, so no request fails. With several worker
 processes, a promote reaches one of them; :meth:`ModelHost.follow_alias` makes the others
-follow the alias.
+follow the alias (at once when a sibling worker signals a change, see
+``service.lifecycle.siblings``).
+
+A rollout's candidate is held here too (:meth:`ModelHost.open_candidate`): loaded beside
+the serving model the same way, and swapped in without loading again when the alias
+moves to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -40,7 +46,11 @@ class ModelHost:
         self.metrics = metrics
         self.batcher = batcher
         self.model: ServingModel | None = None
+        #: A rollout's candidate, loaded beside the serving model (None: no rollout).
+        self.candidate: ServingModel | None = None
         self._swap_lock = asyncio.Lock()
+        #: Set to check the alias now rather than at the next poll (a sibling moved it).
+        self.check_now = asyncio.Event()
         self._on_swap: list[Callable[[ServingModel], None]] = []
 
     def on_swap(self, listener: Callable[[ServingModel], None]) -> None:
@@ -62,33 +72,74 @@ class ModelHost:
         ``commit`` (e.g. moving an alias) runs just before the swap: if it raises, the old
         model keeps serving and nothing changed.
         """
-        s = self.settings
         async with self._swap_lock:
-            mv = await asyncio.to_thread(self.registry.resolve, name or s.model_name, ref)
-            prepared = await asyncio.to_thread(
-                prepare,
-                self.registry,
-                mv,
-                s.backend,
-                s.device,
-                s.materialize_exports,
-                s.threads_for,
-                s.auto_remeasure,
-            )
-            model = await self.batcher.run_in_model_thread(load_model, prepared, s.cuda_graphs)
-            auto = model.info.get("auto")
-            if auto and auto.get("measured") and "reused_from" not in auto:
-                await asyncio.to_thread(self._record_auto, model.version, auto)
+            model = await self.open_version(ref, name)
             if commit is not None:
                 await asyncio.to_thread(commit)
-            previous, self.model = self.model, model
-            self.metrics.set_model(model.info)
-            if previous is not None:
-                self.metrics.model_swaps.inc()
-            log.info("serving %s on %s/%s", mv.ref, model.info["backend"], model.info["device"])
+            self._swap_in(model)
+            return model
+
+    async def open_version(self, ref: str, name: str | None = None) -> ServingModel:
+        """``name@ref`` verified, exported, opened and warmed up beside the serving model
+        (nothing is swapped); the candidate itself when it is that version."""
+        s = self.settings
+        mv = await asyncio.to_thread(self.registry.resolve, name or s.model_name, ref)
+        candidate = self.candidate
+        if candidate is not None and candidate.version == mv:
+            return candidate  # loaded already: a promote never loads twice
+        prepared = await asyncio.to_thread(
+            prepare,
+            self.registry,
+            mv,
+            s.backend,
+            s.device,
+            s.materialize_exports,
+            s.threads_for,
+            s.auto_remeasure,
+        )
+        model = await self.batcher.run_in_model_thread(load_model, prepared, s.cuda_graphs)
+        auto = model.info.get("auto")
+        if auto and auto.get("measured") and "reused_from" not in auto:
+            await asyncio.to_thread(self._record_auto, model.version, auto)
+        return model
+
+    def _swap_in(self, model: ServingModel) -> None:
+        previous, self.model = self.model, model
+        if self.candidate is model:
+            self.candidate = None  # the candidate is the serving model now
+        self.metrics.set_model(model.info)
+        if previous is not None and previous is not model:
+            self.metrics.model_swaps.inc()
+        log.info("serving %s on %s/%s", model.ref, model.info["backend"], model.info["device"])
+        if previous is not model:
             for listener in self._on_swap:
                 listener(model)
-            return model
+
+    async def swap(self, model: ServingModel) -> None:
+        """Serve ``model`` (loaded already, e.g. the candidate) from the next batch on."""
+        async with self._swap_lock:
+            if self.model is not model:
+                self._swap_in(model)
+
+    async def open_candidate(self, version: str) -> ServingModel:
+        """Load ``version`` of the served model beside it, as a rollout's candidate."""
+        model = await self.open_version(version)
+        self.candidate = model
+        serving = self.model.ref if self.model is not None else "nothing"
+        log.info(
+            "loaded %s beside %s (rollout candidate) on %s/%s",
+            model.ref,
+            serving,
+            model.info["backend"],
+            model.info["device"],
+        )
+        return model
+
+    def drop_candidate(self) -> None:
+        """Forget the candidate (its memory goes once no running request holds it)."""
+        if self.candidate is not None:
+            log.info("dropped the rollout candidate %s", self.candidate.ref)
+        self.candidate = None
 
     def _record_auto(self, mv: ModelVersion, auto: dict) -> None:
         """Keep auto's measurement for this host and version, so the next start serves the
@@ -118,7 +169,9 @@ class ModelHost:
         token: str | None = None
         unreachable = False
         while True:
-            await asyncio.sleep(every)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.check_now.wait(), every)
+            self.check_now.clear()
             try:
                 if token is None:
                     state = await asyncio.to_thread(self.registry.alias_state, s.model_name)

@@ -108,7 +108,7 @@ def test_there_are_queries_in_every_source() -> None:
         "deploy/k8s/components/hpa/horizontalpodautoscaler.yaml",
         "deploy/k8s/kserve/inferenceservice.yaml",
     } <= sources
-    assert len(queries.dashboard_queries()) >= 20 and len(queries.rule_queries()) == 6
+    assert len(queries.dashboard_queries()) >= 20 and len(queries.rule_queries()) == 9
 
 
 def test_every_query_names_metrics_and_labels_on_metrics(exposition) -> None:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from registry import Registry
 from service.frontends.http.bodies import ADMIN_BODY_BYTES, read_admin_json
 from service.frontends.http.deps import Admin, HostDep, RegistryDep, State
+from service.state import ServiceState
 
 router = APIRouter(tags=["models"])
 
@@ -29,10 +30,34 @@ router = APIRouter(tags=["models"])
 async def list_models(state: State, registry: RegistryDep) -> dict:
     # (an object store answers over the network: off the event loop)
     out = await asyncio.to_thread(_registry_listing, registry)
+    candidate = state.candidate
     return {
         "serving": state.model.info if state.model is not None else None,
         "requested": {"name": state.settings.model_name, "ref": state.settings.model_ref},
+        # what each worker process of this host serves (SEEDNET_WORKERS)
+        "workers": await asyncio.to_thread(state.metrics.workers),
+        "rollout": _rollout_block(state, candidate.info if candidate is not None else None),
         "models": out,
+    }
+
+
+def _rollout_block(state: ServiceState, candidate: dict | None) -> dict | None:
+    """The served alias's latest rollout, short (GET /models/{name}/rollout: all of it)."""
+    rollout = state.rollout.rollout if state.rollout is not None else None
+    if rollout is None:
+        return None
+    step = rollout.current_step
+    return {
+        "id": rollout.id,
+        "state": rollout.state,
+        "alias": rollout.alias,
+        "stable": rollout.stable,
+        "candidate": rollout.candidate,
+        "step": f"{rollout.step + 1} of {len(rollout.steps)}: {step}" if step else None,
+        "checked": rollout.checked,
+        "candidate_loaded": candidate,
+        "last_decision": rollout.decisions[-1].to_dict() if rollout.decisions else None,
+        "details": f"/models/{rollout.model}/rollout",
     }
 
 
@@ -66,6 +91,9 @@ def _registry_listing(registry: Registry) -> list[dict]:
 class PromoteRequest(BaseModel):
     version: str = Field(examples=["2"])
     alias: str = Field("production", examples=["production"])
+    wait_s: float = Field(
+        60, ge=0, le=600, description="how long to wait for every worker to serve it"
+    )
 
 
 PROMOTE_BODY = {
@@ -102,18 +130,30 @@ async def promote(
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     await asyncio.to_thread(registry.resolve, name, body.version)  # 404 before any change
+    # 409 before loading anything when a rollout owns the alias (it moves it itself)
+    await asyncio.to_thread(registry.refuse_during_rollout, name, body.alias)
     # The alias moves only if nobody moved one meanwhile (a compare-and-swap: 409 if so).
     token = (await asyncio.to_thread(registry.alias_state, name)).token
     move_alias = partial(registry.set_alias, name, body.alias, body.version, token)
-    if name == s.model_name and body.alias == s.model_ref:
+    served = name == s.model_name and body.alias == s.model_ref
+    if served:
         # Load first, move the alias, then swap: a version that cannot load is never
         # promoted, and a failed alias write leaves the old model serving.
         await host.load(body.version, name, commit=move_alias)
     else:
         await asyncio.to_thread(move_alias)
-    return {
+    out = {
         "name": name,
         "alias": body.alias,
         "version": body.version,
         "serving": state.model.info if state.model else None,
     }
+    if not served or state.rollout is None:
+        return out
+    # The other workers of this host follow the alias: tell them now, and answer once
+    # every one serves the new version (or say which do not yet).
+    siblings = state.rollout.siblings
+    siblings.signal()
+    target = state.model.info["version"] if state.model else body.version
+    done, workers = await siblings.converge(lambda w: w["version"] == target, body.wait_s)
+    return out | {"converged": done, "workers": workers}

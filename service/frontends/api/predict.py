@@ -17,6 +17,7 @@ from service.dataplane.images import ImageFile, PreparedImage
 from service.dataplane.served import ServingModel
 from service.frontends.http.bodies import read_uploads
 from service.frontends.http.deps import ModelDep, PlaneDep, SettingsDep
+from service.frontends.versions import answered_by, route_from
 
 router = APIRouter(tags=["predict"])
 PROTOCOL = "rest"  # the metrics' protocol label of the JSON API
@@ -130,10 +131,11 @@ async def predict(
     ] = False,
 ) -> Response:
     await plane.admit()  # 429 before reading the body when the queue is already too long
+    route = route_from(request.headers)  # X-Model-Version, X-Client-Key (a rollout's)
     t0 = time.perf_counter()
     uploads = await read_uploads(request, settings)
     plane.observe("read_body", PROTOCOL, time.perf_counter() - t0)
-    result = await plane.infer(files=uploads, protocol=PROTOCOL)
+    result = await plane.infer(files=uploads, protocol=PROTOCOL, route=route)
     t1 = time.perf_counter()
     assert result.images is not None  # (files in, decoded images out)
     out = result.outputs
@@ -150,7 +152,8 @@ async def predict(
     )
     body = render_json(payload)
     plane.observe("serialise", PROTOCOL, time.perf_counter() - t1)
-    return Response(body, media_type="application/json")  # (FastAPI skips response_model)
+    # (FastAPI skips response_model)
+    return Response(body, media_type="application/json", headers=answered_by(result.model))
 
 
 def build_response(

@@ -28,7 +28,7 @@ Size limits, derived from the largest valid request (``max_images_per_request`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -42,6 +42,7 @@ from service.dataplane.backends import PLATFORMS
 from service.dataplane.images import ImageFile
 from service.dataplane.inference import DataPlane, Inference
 from service.dataplane.served import ServingModel
+from service.dataplane.traffic import NO_ROUTE, Route
 from service.errors import ModelNotFound, ModelNotServed, NotReady
 from service.frontends.oip.codec.metadata import (
     EXPLAIN_EXTENSION,
@@ -123,6 +124,9 @@ def served_model(state: ServiceState, name: str, version: str | None) -> Serving
     served, served_version = model.info["name"], model.info["version"]
     if name == served and version in (None, "", served_version):
         return model  # the common case touches no file
+    candidate = state.candidate  # a rollout's, loaded beside: its version answers too
+    if candidate is not None and name == served and version == candidate.info["version"]:
+        return candidate
     try:
         versions = [mv.version for mv in state.registry.versions(name)]
     except (NotFoundError, InvalidNameError):
@@ -219,10 +223,15 @@ def model_config_doc(state: ServiceState, model: ServingModel) -> dict[str, Any]
     )
 
 
-async def run_inference(plane: DataPlane, request: InferRequest, protocol: str) -> Inference:
+async def run_inference(
+    plane: DataPlane, request: InferRequest, protocol: str, route: Route = NO_ROUTE
+) -> Inference:
     """A validated request through the data plane: ``images`` as pixels, ``image_bytes``
-    as files (decoded exactly as ``/predict`` decodes uploads: same limits and errors)."""
+    as files (decoded exactly as ``/predict`` decodes uploads: same limits and errors);
+    ``route``: the version it pins or its client key (``service.frontends.versions``),
+    and the outputs the answer must hold."""
+    route = replace(route, outputs=tuple(o.name for o in request.outputs))
     if request.images is not None:
-        return await plane.infer(pixels=np.asarray(request.images), protocol=protocol)
+        return await plane.infer(pixels=np.asarray(request.images), protocol=protocol, route=route)
     files = [ImageFile(f"image_bytes[{i}]", f) for i, f in enumerate(request.image_bytes or [])]
-    return await plane.infer(files=files, protocol=protocol)
+    return await plane.infer(files=files, protocol=protocol, route=route)

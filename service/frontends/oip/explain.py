@@ -29,6 +29,7 @@ import numpy as np
 from service.dataplane.explaining import parse_blocks, parse_target
 from service.dataplane.images import ImageFile
 from service.dataplane.inference import Inference
+from service.dataplane.traffic import NO_ROUTE, Route
 from service.errors import ExplainArgumentError, ProtocolError
 from service.frontends.oip.codec.request import InferRequest
 from service.frontends.oip.codec.signature import EXPLAIN_SOURCES, explain_outputs
@@ -45,14 +46,17 @@ def _argument(value: Any, parse, *args) -> Any:
         raise ProtocolError(f"explain: {exc.message}") from None
 
 
-async def infer(state: ServiceState, request: InferRequest, protocol: str) -> Inference:
+async def infer(
+    state: ServiceState, request: InferRequest, protocol: str, route: Route = NO_ROUTE
+) -> Inference:
     """``request`` through the data plane, and through the explanation queue when it names
-    an explain output (one decode for both)."""
+    an explain output (one decode for both); ``route``: the rollout's pin or client key
+    (an explained request is answered by the serving version)."""
     plane = state.plane
     assert plane is not None  # (the front ends check readiness first)
     wanted = [o.name for o in request.outputs if o.name in OUTPUTS]
     if not wanted:
-        return await run_inference(plane, request, protocol)
+        return await run_inference(plane, request, protocol, route)
     explanations = state.explanations
     if explanations is None or not explanations.enabled:
         raise ProtocolError(

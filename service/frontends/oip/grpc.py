@@ -55,6 +55,7 @@ from service.frontends.oip.common import (
     server_metadata_doc,
     signature_of,
 )
+from service.frontends.versions import MODEL_VERSION_HEADER, route_from
 from service.state import ServiceState
 
 log = logging.getLogger("seednet.grpc")
@@ -174,6 +175,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         state = self.state
         model = served_model(state, request.model_name, request.model_version)
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() or ()}
+        route = route_from(metadata, request.model_version or None)  # (rollouts)
         plane = state.plane
         if plane is None:
             raise NotReady()
@@ -185,7 +188,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             signature=signature_of(model),  # a calibrated version's outputs are the default too
         )
         plane.observe("parse", PROTOCOL, time.perf_counter() - t0)
-        result = await explain.infer(state, parsed, PROTOCOL)  # (explain outputs when named)
+        result = await explain.infer(state, parsed, PROTOCOL, route)  # (explain outputs when named)
+        version = result.model.info["version"]
+        await context.send_initial_metadata(((MODEL_VERSION_HEADER.lower(), version),))
         t1 = time.perf_counter()
         response = build_grpc_response(
             parsed,

@@ -47,6 +47,7 @@ from service.frontends.oip.common import (
     server_metadata_doc,
     signature_of,
 )
+from service.frontends.versions import answered_by, route_from
 
 log = logging.getLogger("seednet.v2")
 
@@ -160,6 +161,7 @@ async def infer(
 ) -> Response:
     settings = state.settings
     model = served_model(state, name, version)  # 404/400/503 before reading the body
+    route = route_from(request.headers, version)  # a version or client key (rollouts)
     await plane.admit()  # and 429 when the queue is already too long
     limits = request_limits(settings)
     t0 = time.perf_counter()
@@ -178,7 +180,7 @@ async def infer(
     )
     parsed = await asyncio.to_thread(parse) if len(body) > INLINE_PARSE_BYTES else parse()
     plane.observe("parse", PROTOCOL, time.perf_counter() - t1)
-    result = await explain.infer(state, parsed, PROTOCOL)  # (explain outputs when named)
+    result = await explain.infer(state, parsed, PROTOCOL, route)  # (explain outputs when named)
     t2 = time.perf_counter()
     response = build_rest_response(
         parsed,
@@ -188,7 +190,7 @@ async def infer(
         signature=signature_of(result.model),
     )
     plane.observe("serialise", PROTOCOL, time.perf_counter() - t2)
-    return Response(response.body, headers=response.headers)
+    return Response(response.body, headers={**response.headers, **answered_by(result.model)})
 
 
 CATCH_ALL = "/v2/{path:path}"
