@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+from hostinfo import free_port  # (bench/ is on the path when run as a script)
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -232,12 +233,6 @@ def pinned(argv: list[str], spec: str | None) -> list[str]:
     if spec and shutil.which("taskset"):
         return ["taskset", "-c", spec, *argv]
     return argv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tree_cpu_seconds(pid: int) -> float:

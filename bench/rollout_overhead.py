@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -38,28 +37,12 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+from hostinfo import cpu_model, free_port  # (bench/ is on the path when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-admin-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 NEVER = {"min_samples": 10**9}  # the step never gathers its samples: no decision
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def memory_mib(pid: int) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from tests.conftest import LiveServer
 
 @pytest.fixture
 def registry_copy(served_registry, tmp_path) -> Registry:
-    """The session's registry as a host that never measured anything sees it."""
+    """The test run's shared registry as a host that never measured anything sees it."""
     shutil.copytree(served_registry, tmp_path / "reg")
     registry = Registry(tmp_path / "reg")
     for mv in registry.versions("tiny"):
