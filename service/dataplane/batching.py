@@ -10,8 +10,9 @@ at most ``max_wait`` for more only when others are already queued. Each batch re
 whether it ran alone ("immediate") or merged ("batched"), so the switch shows in metrics.
 
 Admission control, as Triton and TorchServe users expect, sized from what the model
-costs: with a ``queue_timeout``, every request gets a deadline, counted from its arrival,
-by which its batch must *start*. Before its body is read, a request waits at the door
+costs: with a ``queue_timeout``, every request may wait that long, at the door and in the
+queue, for its batch to *start* (the time its body takes to arrive and decode does not
+count: that work is done by then). Before its body is read, a request waits at the door
 (:meth:`Batcher.wait_for_room`: a sleeping coroutine, nothing read or decoded) until it
 could start in time, and is refused (:class:`~service.errors.Overloaded`, 429) when it
 still cannot by its deadline: closed-loop clients refused at once come straight back, and
