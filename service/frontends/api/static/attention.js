@@ -245,29 +245,9 @@
     url.searchParams.set("top_k", "3");
     url.searchParams.set("include_input", "true");
 
-    var body = new FormData();
-    body.append("file", file, file.name || "upload");
-
     var refP = loadReference();
 
-    fetch(url.toString(), {
-      method: "POST",
-      body: body,
-      headers: { Accept: "application/json" },
-      signal: ctrl.signal,
-    })
-      .then(function (resp) {
-        return resp.text().then(function (text) {
-          var data = parseJson(text, null);
-          if (!resp.ok) {
-            throw new ApiError(errorMessage(resp, data), data && data.error && data.error.code);
-          }
-          if (!data || !Array.isArray(data.predictions) || !data.predictions.length) {
-            throw new ApiError("The service returned an unexpected answer.");
-          }
-          return data;
-        });
-      })
+    postFile(url, file, ctrl.signal, "predictions", "The service returned an unexpected answer.")
       .then(function (data) {
         return refP.then(function (ref) { return { data: data, ref: ref }; });
       })
@@ -283,6 +263,32 @@
       .finally(function () {
         if (seq === requestSeq) currentRequest = null;
       });
+  }
+
+  /** POST ``file`` as multipart to ``url``; the JSON answer, whose ``listKey`` must be a
+   *  non-empty array, or an ApiError (with the server's message, code and Retry-After). */
+  function postFile(url, file, signal, listKey, unexpected) {
+    var body = new FormData();
+    body.append("file", file, file.name || "upload");
+    return fetch(url.toString(), {
+      method: "POST",
+      body: body,
+      headers: { Accept: "application/json" },
+      signal: signal,
+    }).then(function (resp) {
+      return resp.text().then(function (text) {
+        var data = parseJson(text, null);
+        if (!resp.ok) {
+          var err = new ApiError(errorMessage(resp, data), data && data.error && data.error.code);
+          err.retryAfter = parseInt(resp.headers.get("Retry-After"), 10) || null;
+          throw err;
+        }
+        if (!data || !Array.isArray(data[listKey]) || !data[listKey].length) {
+          throw new ApiError(unexpected);
+        }
+        return data;
+      });
+    });
   }
 
   function ApiError(message, code) { this.name = "ApiError"; this.message = message; this.code = code; }
@@ -615,29 +621,8 @@
     url.searchParams.set("encoding", "png");
     url.searchParams.set("branch_maps", "strength");
     if (target !== null) url.searchParams.set("class", String(target));
-    var body = new FormData();
-    body.append("file", explain.file, explain.file.name || "upload");
-
-    fetch(url.toString(), {
-      method: "POST",
-      body: body,
-      headers: { Accept: "application/json" },
-      signal: ctrl.signal,
-    })
-      .then(function (resp) {
-        return resp.text().then(function (text) {
-          var data = parseJson(text, null);
-          if (!resp.ok) {
-            var err = new ApiError(errorMessage(resp, data), data && data.error && data.error.code);
-            err.retryAfter = parseInt(resp.headers.get("Retry-After"), 10) || null;
-            throw err;
-          }
-          if (!data || !Array.isArray(data.explanations) || !data.explanations.length) {
-            throw new ApiError("The service returned an unexpected explanation.");
-          }
-          return data;
-        });
-      })
+    postFile(url, explain.file, ctrl.signal, "explanations",
+      "The service returned an unexpected explanation.")
       .then(function (data) {
         if (seq !== explain.seq) return;
         explain.result = data.explanations[0];
