@@ -231,6 +231,7 @@ def test_a_request_waits_at_the_door_for_room_within_its_deadline():
         await asyncio.sleep(0.15)
         assert not entering.done()  # still at the door
         b.queued_images = 2  # a batch took 10 images: 0.1 s ahead now
+        b._room_changed()  # (what the batcher calls when a batch takes its images)
         waited = await entering
         return time.perf_counter() - t0, waited
 
@@ -256,3 +257,40 @@ def test_a_request_waits_at_the_door_for_room_within_its_deadline():
     assert 0.15 <= elapsed < 0.45 and abs(waited - elapsed) < 0.05
     assert 0.4 <= asyncio.run(refused_at_deadline()) < 2.0
     assert asyncio.run(refused_at_once_with_a_bound()) < 0.1
+
+
+def test_the_door_lets_in_only_what_can_start_in_time_when_room_appears():
+    """Room for a few images lets in a few waiters, not the crowd at the door: those let
+    in count as ahead of the rest until their images reach the queue; the rest are
+    refused (429) at their deadline, and none waits past it."""
+    import asyncio
+
+    from service.dataplane.batching import Batcher, ServiceRate
+    from service.errors import Overloaded
+
+    async def crowd() -> tuple[int, int, float]:
+        b = Batcher(lambda: None, max_batch_size=64, max_wait=0.002, queue_timeout=0.5)
+        b.rate = ServiceRate(seconds_per_image=0.1, samples=1)
+        b.queued_images = 10  # 1 s of work ahead: nobody fits in 0.5 s
+        t0 = time.perf_counter()
+        outcomes: list[str] = []
+
+        async def enter() -> None:
+            try:
+                await b.wait_for_room(1)
+                outcomes.append("in")
+            except Overloaded:
+                outcomes.append("429")
+
+        tasks = [asyncio.create_task(enter()) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        assert not outcomes  # all at the door
+        b.queued_images = 1  # 0.1 s ahead: room for about 3 more within ~0.45 s
+        b._room_changed()
+        await asyncio.gather(*tasks)
+        return outcomes.count("in"), outcomes.count("429"), time.perf_counter() - t0
+
+    let_in, refused, elapsed = asyncio.run(crowd())
+    assert 1 <= let_in <= 5, let_in
+    assert let_in + refused == 20
+    assert elapsed < 1.0
