@@ -225,6 +225,9 @@ class OutOfDistribution:
     fitted_on: dict = field(default_factory=dict)
     sets: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    # ``density+energy`` only: the stage, the version file with the class means and the
+    # whitening matrix, and the standardising scalars (seednet.ood.FeatureDensity)
+    features: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: object) -> OutOfDistribution:
@@ -237,6 +240,7 @@ class OutOfDistribution:
             fitted_on=dict(d.get("fitted_on") or {}),
             sets=dict(d.get("sets") or {}),
             details=dict(d.get("details") or {}),
+            features=dict(d.get("features") or {}),
         )
 
 
@@ -337,6 +341,10 @@ class Manifest(VersionSpec):
                 data = _plain(asdict(value))
                 extra = data.pop("extra")
                 value = {**extra, **{k: v for k, v in data.items() if v is not None or k in _V2}}
+            elif f.name == "ood":
+                value = _plain(asdict(value))
+                if not value["features"]:
+                    del value["features"]  # energy / max_softmax: written as before
             elif hasattr(value, "__dataclass_fields__"):
                 value = _plain(asdict(value))
             out[f.name] = value

@@ -41,7 +41,14 @@ from safetensors.torch import load_file, save_file
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.errors import ExportError
-from seednet.graph import METADATA_KEY, OUTPUTS, InferenceModel, metadata_json, version_graph
+from seednet.graph import (
+    METADATA_KEY,
+    OUTPUTS,
+    InferenceModel,
+    density_file_name,
+    metadata_json,
+    version_graph,
+)
 from seednet.runtimes import OpenVinoModel, openvino_available, ort_outputs, ort_session
 
 TOLERANCE = 1e-4
@@ -356,7 +363,12 @@ def golden_set(model: InferenceModel, images: torch.Tensor) -> dict[str, torch.T
 def served_graph(registry: Registry, mv: ModelVersion) -> InferenceModel:
     """The eager served graph of a registry version, from its verified weights (calibrated
     with the manifest's temperature when the version has one)."""
-    return version_graph(mv.manifest, registry.open_verified(mv, WEIGHTS_FILE))
+    density = density_file_name(mv.manifest)
+    return version_graph(
+        mv.manifest,
+        registry.open_verified(mv, WEIGHTS_FILE),
+        registry.open_verified(mv, density) if density else None,
+    )
 
 
 def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from seednet.constants import CIFAR10_MEAN, CIFAR10_STD
 from seednet.model import SeedNet, SeedNetConfig, build_model
+from seednet.ood import DENSITY_SCORE, DensityScore, FeatureDensity
 
 if TYPE_CHECKING:
     from registry.manifest import Manifest
@@ -37,6 +38,8 @@ CALIBRATED_OUTPUTS = (*OUTPUTS, "ood_score")
 OOD_SCORES = {
     "energy": "-logsumexp(z / T)",
     "max_softmax": "-max(softmax(z / T))",
+    DENSITY_SCORE: "standardised energy + standardised -log density of one stage's features "
+    "under class-conditional Gaussians (seednet.ood)",
 }
 # Key of the metadata every export carries (ONNX metadata_props, a TorchScript extra file).
 METADATA_KEY = "seednet"
@@ -146,6 +149,38 @@ class CalibratedInferenceModel(InferenceModel):
         }
 
 
+class DensityCalibratedInferenceModel(CalibratedInferenceModel):
+    """A calibrated graph whose ``ood_score`` is ``density+energy`` (:mod:`seednet.ood`):
+    the energy of the logits and the density of one stage's channel means, each
+    standardised; the density's constants are buffers of the graph like the temperature."""
+
+    def __init__(
+        self,
+        model: SeedNet,
+        temperature: float,
+        density: FeatureDensity,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__(model, temperature, "energy", mean, std)
+        if not 0 <= density.stage < len(model.stages):
+            raise ValueError(f"ood stage {density.stage} is not a stage of this network")
+        self.ood_score = DENSITY_SCORE
+        self.stage = density.stage
+        self.density = DensityScore(density)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        logits, attentions, means = self.model.forward_with_stage_means(self.normalize(images))
+        z = logits.float() * self.scale
+        probs = torch.softmax(z, dim=1)
+        energy = -torch.logsumexp(z, dim=1)
+        score = self.density(energy, means[self.stage])
+        return probs, torch.stack(attentions, dim=1).float(), score
+
+    def metadata(self) -> dict:
+        return super().metadata() | {"ood_stage": self.stage}
+
+
 def metadata_json(graph: InferenceModel) -> str:
     """The export metadata of ``graph`` as stored in the files (one JSON object)."""
     return json.dumps(graph.metadata(), sort_keys=True)
@@ -172,19 +207,33 @@ def inference_model(
     std: Sequence[float] = CIFAR10_STD,
     temperature: float | None = None,
     ood_score: str = "energy",
+    density: FeatureDensity | None = None,
 ) -> InferenceModel:
     """The served graph of a trained network, in eval mode on the CPU; calibrated (three
-    outputs) when a ``temperature`` is given."""
+    outputs) when a ``temperature`` is given; with a ``density`` when the OOD score is
+    ``density+energy``."""
     model = model_from_weights(config, weights)
     if temperature is None:
         return InferenceModel(model, mean, std).eval()
+    if ood_score == DENSITY_SCORE:
+        if density is None:
+            raise ValueError(f"the {DENSITY_SCORE} OOD score needs its fitted density")
+        return DensityCalibratedInferenceModel(model, temperature, density, mean, std).eval()
     return CalibratedInferenceModel(model, temperature, ood_score, mean, std).eval()
 
 
-def version_graph(manifest: Manifest, weights: Path) -> InferenceModel:
-    """The served graph a version's manifest describes (its weights file already verified):
-    calibrated with the manifest's temperature and OOD score when it has them."""
+def version_graph(
+    manifest: Manifest, weights: Path, density_file: Path | None = None
+) -> InferenceModel:
+    """The served graph a version's manifest describes (its files already verified):
+    calibrated with the manifest's temperature and OOD score when it has them;
+    ``density_file`` is the version's ``ood.safetensors`` when its score needs it."""
     calibration, ood = manifest.calibration, manifest.ood
+    density = None
+    if ood is not None and ood.score == DENSITY_SCORE:
+        if density_file is None:
+            raise ValueError(f"{ood.score}: the version's {ood.features.get('file')} is needed")
+        density = FeatureDensity.load(density_file, ood.features)
     return inference_model(
         manifest.model.config,
         weights,
@@ -192,7 +241,14 @@ def version_graph(manifest: Manifest, weights: Path) -> InferenceModel:
         manifest.normalization.std,
         temperature=calibration.temperature if calibration is not None else None,
         ood_score=ood.score if ood is not None else "energy",
+        density=density,
     )
+
+
+def density_file_name(manifest: Manifest) -> str | None:
+    """The version file :func:`version_graph` needs besides the weights, if any."""
+    ood = manifest.ood
+    return ood.features.get("file") if ood is not None and ood.score == DENSITY_SCORE else None
 
 
 def served_outputs(manifest: Manifest) -> tuple[str, ...]:

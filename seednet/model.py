@@ -258,6 +258,19 @@ class SeedNet(nn.Module):
         logits = self.classifier(self.head_conv(x))
         return logits, attentions
 
+    def forward_with_stage_means(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """:meth:`forward`, plus the channel means of every stage's output ``[N, C_s]``:
+        what the next stage's attention reads (its input to ``IntermediateBlock.attention``),
+        and the features the out-of-distribution density is fitted on."""
+        attentions: list[Tensor] = []
+        means: list[Tensor] = []
+        for stage in self.stages:
+            x, a = stage(x)
+            attentions.extend(a)
+            means.append(x.float().mean(dim=(2, 3)))
+        logits = self.classifier(self.head_conv(x))
+        return logits, attentions, means
+
 
 def kaiming_init(model: nn.Module) -> None:
     """The report's initialisation: Kaiming (He) normal for convs and linears."""

@@ -127,19 +127,39 @@ _TAIL_OPS = {
 }
 
 
+# The ``density+energy`` score (seednet.ood) reads features through matrix products whose
+# int8 rounding would move a score compared with a float threshold: from ``ood_score``
+# back to the convolutions (the classifier's two small layers included), all stays float.
+_OOD_OPS = _TAIL_OPS | {
+    "MatMul",
+    "Gemm",
+    "Relu",
+    "ReduceMean",
+    "GlobalAveragePool",
+    "Transpose",
+    "Pow",
+    "Shape",
+    "Gather",
+    "Expand",
+}
+
+
 def float_tail(model) -> list[str]:
     """Nodes kept in float: every Softmax (probabilities and the attention weights, so
-    they still sum to 1) and the tail ops between the last compute ops and the outputs."""
+    they still sum to 1), the tail ops between the last compute ops and the outputs, and
+    the whole ``ood_score`` path down to the convolutions (:data:`_OOD_OPS`)."""
     producer = {out: node for node in model.graph.node for out in node.output}
     keep = {node.name for node in model.graph.node if node.op_type == "Softmax"}
-    todo, seen = [o.name for o in model.graph.output], set()
-    while todo:
-        node = producer.get(todo.pop())
-        if node is None or node.name in seen or node.op_type not in _TAIL_OPS:
-            continue
-        seen.add(node.name)
-        keep.add(node.name)
-        todo += list(node.input)
+    for output in model.graph.output:
+        ops = _OOD_OPS if output.name == "ood_score" else _TAIL_OPS
+        todo, seen = [output.name], set()
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or node.name in seen or node.op_type not in ops:
+                continue
+            seen.add(node.name)
+            keep.add(node.name)
+            todo += list(node.input)
     return sorted(keep)
 
 
@@ -163,8 +183,14 @@ def quantize_onnx(src: Path, dest: Path, calibration: np.ndarray) -> None:
     _check_images(calibration, "calibration")
     with tempfile.TemporaryDirectory(dir=Path(dest).parent) as tmp:  # beside dest
         prepared = Path(tmp) / "prepared.onnx"
-        # Shape inference and graph fusions first, as ONNX Runtime's docs recommend.
-        quant_pre_process(str(src), str(prepared))
+        # Shape inference and graph fusions first, as ONNX Runtime's docs recommend. Its
+        # symbolic shape inference gives up on the density+energy score's graph (a value
+        # after ReduceLogSumExp has no shape for it); ONNX's own inference is enough for a
+        # graph whose only free dimension is the batch.
+        try:
+            quant_pre_process(str(src), str(prepared))
+        except TypeError:
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         import onnx
 
         keep_float = float_tail(onnx.load(str(prepared)))

@@ -62,8 +62,14 @@ from seednet.export import (
     materialize,
     save_onnx,
 )
-from seednet.graph import CalibratedInferenceModel, InferenceModel, model_from_weights
+from seednet.graph import (
+    CalibratedInferenceModel,
+    DensityCalibratedInferenceModel,
+    InferenceModel,
+    model_from_weights,
+)
 from seednet.model import SeedNet
+from seednet.ood import DENSITY_FILE, DENSITY_SCORE, FeatureDensity, fit_gaussians, standardise
 from seednet.quantize import build_int8, int8_details
 from seednet.runtimes import ort_outputs, ort_session
 from training import calibration as cal
@@ -79,7 +85,12 @@ DEFAULT_OOD = Path("data/ood")
 class CalibrateSettings:
     """What ``training calibrate`` does; every field has the CLI's default."""
 
-    ood_score: str = "energy"
+    ood_score: str = DENSITY_SCORE
+    # the stage whose channel means the density+energy score reads (negative: from the
+    # end); -2, the input of the last stage's attention, was the best single stage of
+    # both shipped networks on the OOD sets (docs/calibration.md)
+    ood_stage: int = -2
+    density_per_class: int = 500  # training images per class for the class Gaussians
     target_kept: float = cal.TARGET_KEPT
     bins: int = cal.ECE_BINS
     ood_dir: Path | None = DEFAULT_OOD
@@ -129,17 +140,21 @@ def split_test_halves(test: ImageSet) -> tuple[Part, Part]:
 
 # ----------------------------------------------------------------- logits
 class LogitsGraph(InferenceModel):
-    """uint8 images in, logits out (normalisation as served): for measuring only."""
+    """uint8 images in, logits and every stage's channel means out (normalisation as
+    served): for measuring only."""
 
-    output_names = ("logits",)
+    def __init__(self, model: SeedNet, mean, std) -> None:
+        super().__init__(model, mean, std)
+        self.output_names = ("logits", *(f"stage{i}" for i in range(len(model.stages))))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:  # type: ignore[override]
-        logits, _ = self.model(self.normalize(images))
-        return (logits.float(),)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        logits, _, means = self.model.forward_with_stage_means(self.normalize(images))
+        return (logits.float(), *means)
 
 
 class LogitsRunner:
-    """The logits of one network by ONNX Runtime, cached on disk by weights and images."""
+    """Logits and stage features of one network by ONNX Runtime (a dict of arrays per
+    call), cached on disk by weights and images."""
 
     def __init__(
         self,
@@ -155,26 +170,26 @@ class LogitsRunner:
         save_onnx(LogitsGraph(model, mean, std).eval(), path, torch.from_numpy(example[:2]))
         self.session = ort_session(path, "cpu")
         self.cache = Path(cache_dir) / weights_sha256[:16] if cache_dir else None
+        self.names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, images: np.ndarray, batch: int = 250) -> np.ndarray:
+    def __call__(self, images: np.ndarray, batch: int = 250) -> dict[str, np.ndarray]:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         key = hashlib.sha256(images.tobytes()).hexdigest()[:16]
-        cached = self.cache / f"{key}.npy" if self.cache else None
+        cached = self.cache / f"{key}.npz" if self.cache else None
         if cached is not None and cached.is_file():
-            return np.load(cached)
-        out = (
-            np.concatenate(
-                [
-                    ort_outputs(self.session, images[i : i + batch])["logits"]
-                    for i in range(0, len(images), batch)
-                ]
-            )
-            if len(images)
-            else np.zeros((0, 10), np.float32)
-        )
+            with np.load(cached) as stored:
+                return {k: stored[k] for k in stored.files}
+        parts = [
+            ort_outputs(self.session, images[i : i + batch]) for i in range(0, len(images), batch)
+        ]
+        if parts:
+            out = {k: np.concatenate([p[k] for p in parts]) for k in self.names}
+        else:
+            out = {k: np.zeros((0, 10), np.float32) for k in self.names}
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cached, out)
+            with open(cached, "wb") as f:
+                np.savez(f, **out)
         return out
 
     def close(self) -> None:
@@ -206,23 +221,46 @@ def compare_methods(
     return out
 
 
+Outputs = dict[str, np.ndarray]  # what LogitsRunner returns for a set of images
+
+
+def density_for(
+    stage: int, temperature: float, train: Outputs, train_y: np.ndarray, fit: Outputs
+) -> FeatureDensity:
+    """The class Gaussians of ``stage``'s features (training images) and the four
+    standardising scalars (the fitting images: held out, in distribution)."""
+    features = f"stage{stage}"
+    means, whitening = fit_gaussians(train[features], train_y, train["logits"].shape[1])
+    raw = FeatureDensity(stage, means, whitening, 0.0, 1.0, 0.0, 1.0)
+    e_loc, e_scale = standardise(cal.energy_score(fit["logits"], temperature))
+    d_loc, d_scale = standardise(raw.density(fit[features]))
+    return FeatureDensity(stage, means, whitening, e_loc, e_scale, d_loc, d_scale)
+
+
+def score_function(method: str, temperature: float, density: FeatureDensity | None = None):
+    """``outputs -> scores`` for one OOD score (higher: less like the training images)."""
+    if density is not None:
+        key = f"stage{density.stage}"
+        return lambda o: density.score(cal.energy_score(o["logits"], temperature), o[key])
+    return lambda o: cal.ood_scores(method, o["logits"], temperature)
+
+
 def ood_figures(
-    method: str,
-    temperature: float,
-    fit_z: np.ndarray,
-    eval_z: np.ndarray,
-    sets: dict[str, np.ndarray],
+    score,
+    fit: Outputs,
+    evaluate: Outputs,
+    sets: dict[str, Outputs],
     target_kept: float,
 ) -> dict:
     """Threshold from the fitting images, quality per set against the evaluation images."""
-    fit_scores = cal.ood_scores(method, fit_z, temperature)
-    eval_scores = cal.ood_scores(method, eval_z, temperature)
+    fit_scores = score(fit)
+    eval_scores = score(evaluate)
     threshold = cal.threshold_for_kept(fit_scores, target_kept)
     per_set = {}
-    for name, z in sets.items():
-        s = cal.ood_scores(method, z, temperature)
+    for name, o in sets.items():
+        s = score(o)
         per_set[name] = {
-            "images": int(len(z)),
+            "images": int(len(s)),
             "auroc": cal.auroc(eval_scores, s),
             "fpr_at_95_tpr": cal.fpr_at_tpr(eval_scores, s, 0.95),
             "flagged": cal.flagged(s, threshold),
@@ -286,7 +324,7 @@ class CalibrationResult:
             lines.append(
                 f"{'OOD set':<16}"
                 + "".join(
-                    f"{m + ' AUROC':>20}{'FPR95':>8}{'flagged':>9}" for m in r["ood"]["scores"]
+                    f"  {m + ' AUROC':>28}{'FPR95':>8}{'flagged':>9}" for m in r["ood"]["scores"]
                 )
             )
             names = next(iter(r["ood"]["scores"].values()))["sets"]
@@ -295,7 +333,7 @@ class CalibrationResult:
                 for m in r["ood"]["scores"].values():
                     f = m["sets"][s]
                     row += (
-                        f"{f['auroc']:>20.4f}{f['fpr_at_95_tpr'] * 100:>7.1f}%"
+                        f"  {f['auroc']:>28.4f}{f['fpr_at_95_tpr'] * 100:>7.1f}%"
                         f"{f['flagged'] * 100:>8.1f}%"
                     )
                 lines.append(row)
@@ -333,6 +371,7 @@ class Inputs:
     quantization: np.ndarray  # training images for int8's activation ranges
     golden_images: torch.Tensor
     reverse: bool  # the two halves of one set: fit the other way round too
+    density: Part | None = None  # training images for the density+energy score's Gaussians
 
 
 def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) -> dict:
@@ -346,8 +385,9 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
         inputs.test.images,
     )
     try:
-        fit_z = runner(inputs.fit.images)
-        eval_z = runner(inputs.evaluate.images)
+        fit_o = runner(inputs.fit.images)
+        eval_o = runner(inputs.evaluate.images)
+        fit_z, eval_z = fit_o["logits"], eval_o["logits"]
         test_z = _test_logits(inputs, fit_z, eval_z, runner)
         fit_y, eval_y = inputs.fit.labels, inputs.evaluate.labels
         comparison = compare_methods(fit_z, fit_y, eval_z, eval_y, settings.bins)
@@ -377,14 +417,14 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
                 for c in np.unique(test_y)
             },
         }
-        ood_sets: dict[str, np.ndarray] = {}
+        ood_sets: dict[str, Outputs] = {}
         set_info: dict[str, dict] = {}
         if settings.ood_dir is not None and Path(settings.ood_dir).is_dir():
             from training.ood_sets import load_ood_sets
 
             for name, (images, info) in load_ood_sets(Path(settings.ood_dir)).items():
                 ood_sets[name] = runner(images[: settings.ood_per_set])
-                set_info[name] = info | {"images": len(ood_sets[name])}
+                set_info[name] = info | {"images": len(ood_sets[name]["logits"])}
         shift = {}
         keep = np.ones(len(eval_y), dtype=bool)
         if settings.shift_per_class is not None:
@@ -392,7 +432,8 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
         for kind in settings.corruptions:
             from training.ood_sets import CORRUPTIONS, corrupt
 
-            z = runner(corrupt(inputs.evaluate.images[keep], kind))
+            shifted = runner(corrupt(inputs.evaluate.images[keep], kind))
+            z = shifted["logits"]
             y = eval_y[keep]
             shift[kind] = {
                 "description": CORRUPTIONS[kind],
@@ -403,18 +444,30 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
                 "reliability": _reliability_json(
                     cal.reliability(cal.softmax(z, t), y, settings.bins)
                 ),
-                "_logits": z,
+                "_outputs": shifted,
             }
+        functions = {method: score_function(method, t) for method in cal.OOD_SCORE_FUNCTIONS}
+        density = None
+        if inputs.density is not None:
+            train_o = runner(inputs.density.images)
+            stages = len(inputs.model.stages)
+            chosen_stage = settings.ood_stage % stages
+            for stage in range(stages):  # the chosen one, and every other as alternatives
+                fitted = density_for(stage, t, train_o, inputs.density.labels, fit_o)
+                name = DENSITY_SCORE if stage == chosen_stage else f"{DENSITY_SCORE}@stage{stage}"
+                functions[name] = score_function(DENSITY_SCORE, t, fitted)
+                if stage == chosen_stage:
+                    density = fitted
+        if settings.ood_score not in functions:
+            raise ValueError(f"OOD score {settings.ood_score!r} needs the density images")
         scores = {
-            method: ood_figures(method, t, fit_z, eval_z, ood_sets, settings.target_kept)
-            for method in cal.OOD_SCORE_FUNCTIONS
+            name: ood_figures(fn, fit_o, eval_o, ood_sets, settings.target_kept)
+            for name, fn in functions.items()
         }
         for m in shift.values():
-            z = m.pop("_logits")
+            shifted = m.pop("_outputs")
             chosen = scores[settings.ood_score]
-            m["flagged"] = cal.flagged(
-                cal.ood_scores(settings.ood_score, z, t), chosen["threshold"]
-            )
+            m["flagged"] = cal.flagged(functions[settings.ood_score](shifted), chosen["threshold"])
         report["shift"] = shift
         report["ood"] = {
             "chosen": settings.ood_score,
@@ -422,6 +475,12 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
             "set_info": set_info,
             "scores": scores,
         }
+        if density is not None and settings.ood_score == DENSITY_SCORE:
+            report["ood"]["features"] = density.scalars() | {
+                "fitted_on": inputs.density.description,
+                "standardised_on": inputs.fit.description,
+            }
+            report["_density"] = density  # the arrays: a version file, not the JSON report
         return report
     finally:
         runner.close()
@@ -435,7 +494,7 @@ def _test_logits(inputs: Inputs, fit_z, eval_z, runner: LogitsRunner) -> np.ndar
         out = np.empty((len(parity), fit_z.shape[1]), dtype=fit_z.dtype)
         out[parity == 0], out[parity == 1] = fit_z, eval_z
         return out
-    return runner(inputs.test.images)
+    return runner(inputs.test.images)["logits"]
 
 
 def _reliability_json(r: cal.Reliability) -> dict:
@@ -514,11 +573,16 @@ def calibrated_spec(base: VersionSpec, report: dict, int8: Int8Gate | None) -> V
             "formula": {
                 "energy": "ood_score = -logsumexp(logits / T) (the free energy / T)",
                 "max_softmax": "ood_score = -max(softmax(logits / T))",
+                DENSITY_SCORE: "ood_score = (energy - energy_loc) / energy_scale + (density - "
+                "density_loc) / density_scale; energy = -logsumexp(logits / T), density = "
+                "-logsumexp_c(-|W (f - mu_c)|^2 / 2) of f, the channel means of stage "
+                "`features.stage`'s output (seednet.ood)",
             }[report["ood"]["chosen"]],
             "measured_against": report["evaluated_on"],
             "in_distribution_scores": chosen["in_distribution"],
             "alternatives": alternatives,
         },
+        features={k: v for k, v in report["ood"].get("features", {}).items()},
     )
     dataset = dict(base.dataset)
     return replace(
@@ -531,12 +595,21 @@ def build_artefacts(
 ) -> tuple[dict[str, Path], Int8Gate | None, ExportReport]:
     """Steps 3-4: the calibrated graph's golden set, its exports proven, int8 gated."""
     t = report["comparison"]["temperature"]
-    graph = CalibratedInferenceModel(
-        inputs.model, t, report["ood"]["chosen"], inputs.mean, inputs.std
-    )
+    density: FeatureDensity | None = report.get("_density")
+    files: dict[str, Path] = {}
+    if report["ood"]["chosen"] == DENSITY_SCORE:
+        assert density is not None
+        graph: InferenceModel = DensityCalibratedInferenceModel(
+            inputs.model, t, density, inputs.mean, inputs.std
+        )
+        density.save(workdir / DENSITY_FILE)
+        files[DENSITY_FILE] = workdir / DENSITY_FILE
+    else:
+        graph = CalibratedInferenceModel(
+            inputs.model, t, report["ood"]["chosen"], inputs.mean, inputs.std
+        )
     graph.eval()
     golden = golden_set(graph, inputs.golden_images)
-    files: dict[str, Path] = {}
     golden_path = workdir / GOLDEN_FILE
     save_numpy({k: v.numpy() for k, v in golden.items()}, str(golden_path))
     files[GOLDEN_FILE] = golden_path
@@ -636,6 +709,30 @@ def calibration_parts(data: str, dataset: dict, settings: CalibrateSettings):
     return fit, evaluate, test_part, True
 
 
+def density_images(data: str, dataset: dict, settings: CalibrateSettings) -> Part | None:
+    """Training images the network trained on, the first ``density_per_class`` of each
+    class (never a held-out calibration image): where the density+energy score's class
+    Gaussians are fitted. None when the score is not wanted."""
+    if settings.ood_score != DENSITY_SCORE or settings.density_per_class <= 0:
+        return None
+    per_class = settings.density_per_class
+    trained_limit = ((dataset or {}).get("train") or {}).get("limit_per_class")
+    if trained_limit:  # a network trained on a slice: its own images only
+        per_class = min(per_class, int(trained_limit))
+    train = load_split(data, "train", per_class)
+    images, labels = train.images.numpy(), train.labels.numpy()
+    held = (dataset or {}).get("calibration") or {}
+    if held.get("images"):
+        trained = ~holdout_mask(labels, float(held["fraction"]))
+        images, labels = images[trained], labels[trained]
+    return Part(
+        images,
+        labels,
+        _describe(train, "train")
+        | {"images": len(labels), "per_class": settings.density_per_class},
+    )
+
+
 def calibrate_network(
     inputs: Inputs,
     base: VersionSpec,
@@ -652,7 +749,8 @@ def calibrate_network(
     files, gate, exports = build_artefacts(inputs, report, settings, workdir)
     spec = calibrated_spec(base, report, gate)
     report_path = workdir / CALIBRATION_REPORT_FILE
-    report_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    report_path.write_text(json.dumps(public, indent=1, sort_keys=True) + "\n")
     files[CALIBRATION_REPORT_FILE] = report_path
     files |= plot_files(report, title, workdir)
     if report_dir is not None:
@@ -698,6 +796,7 @@ def calibrate_version(
         quantization=quantization_images(data, settings.quantization_per_class),
         golden_images=load_file(str(registry.open_verified(parent, GOLDEN_FILE)))["images"],
         reverse=reverse,
+        density=density_images(data, m.dataset, settings),
     )
     base = VersionSpec(**{f: getattr(m, f) for f in VersionSpec.__dataclass_fields__})
     with registry.scratch(parent.name) as tmp:  # the registry's temp area: cleaned if killed
@@ -753,7 +852,13 @@ def publish_calibrated(
 
 
 # A parent's own calibration files are never carried into its child.
-_NOT_CARRIED = (GOLDEN_FILE, PUBLISHED_INT8_FILE, CALIBRATION_REPORT_FILE, RELIABILITY_FILE)
+_NOT_CARRIED = (
+    GOLDEN_FILE,
+    PUBLISHED_INT8_FILE,
+    CALIBRATION_REPORT_FILE,
+    RELIABILITY_FILE,
+    DENSITY_FILE,
+)
 
 
 def record_exports(registry: Registry, mv: ModelVersion, exports: ExportReport | None) -> None:

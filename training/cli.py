@@ -222,9 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache", default="data/calibration-cache", help="logits cache folder")
     c.add_argument(
         "--ood-score",
-        choices=["energy", "max_softmax"],
-        default="energy",
-        help="the score put in the served graph (both are measured)",
+        choices=["density+energy", "energy", "max_softmax"],
+        default="density+energy",
+        help="the score put in the served graph (all are measured): density+energy adds "
+        "the density of one stage's features to the energy of the logits",
+    )
+    c.add_argument(
+        "--ood-stage",
+        type=int,
+        default=-2,
+        help="density+energy: the stage whose channel means are the features (negative: "
+        "from the end; default -2, the input of the last stage's attention)",
+    )
+    c.add_argument(
+        "--density-per-class",
+        type=_positive,
+        default=500,
+        help="density+energy: training images per class for the class Gaussians",
     )
     c.add_argument("--register", action="store_true", help="publish the calibrated version")
     c.add_argument(
@@ -453,6 +467,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
     settings = CalibrateSettings(
         ood_score=args.ood_score,
+        ood_stage=args.ood_stage,
+        density_per_class=args.density_per_class,
         ood_dir=ood_dir,
         cache_dir=Path(args.cache),
         int8=not args.no_int8,

@@ -34,6 +34,7 @@ from training.calibrate import (
     calibrate_network,
     calibration_parts,
     check_version_metadata,
+    density_images,
     quantization_images,
     record_exports,
 )
@@ -159,6 +160,7 @@ def _publish_calibrated_run(
         quantization=quantization_images(data, settings.quantization_per_class),
         golden_images=images,
         reverse=reverse,
+        density=density_images(data, config["dataset"], settings),
     )
     with registry.scratch(name) as tmp:  # the registry's temp area: cleaned if killed
         result = calibrate_network(inputs, spec, settings, name, Path(tmp))

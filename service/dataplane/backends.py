@@ -178,10 +178,13 @@ def open_backend(
     device: str,
     cuda_graphs: bool = True,
     threads: int | None = None,
+    density: Path | None = None,
 ) -> Backend:
     """Open a verified artefact (``path``) of ``mv`` on ``device`` ("cpu" or "cuda").
 
     ``threads``: intra-op threads of the runtime on the CPU (default: torch's count).
+    ``density``: for ``eager``, the version's verified ``ood.safetensors`` when its OOD
+    score needs it (the exports hold it as constants).
     """
     if kind in ("onnx", "onnx-int8"):
         return OnnxBackend(str(path), device, kind, threads)
@@ -200,5 +203,6 @@ def open_backend(
     if kind == "eager":
         from seednet.graph import version_graph  # the version's graph: its temperature too
 
-        return TorchBackend(version_graph(mv.manifest, path), "eager", device, cuda_graphs, threads)
+        graph = version_graph(mv.manifest, path, density)
+        return TorchBackend(graph, "eager", device, cuda_graphs, threads)
     raise ModelLoadError(f"unknown backend {kind!r}; expected one of {', '.join(BACKENDS)}")

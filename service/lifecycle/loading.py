@@ -39,7 +39,10 @@ def _open(prepared: Prepared, cuda_graphs: bool) -> tuple[Backend, dict | None]:
             remeasure=p.remeasure,
         )
     threads = p.threads.get(p.backend)
-    return open_backend(p.backend, p.version, p.artefact, p.device, cuda_graphs, threads), None
+    backend = open_backend(
+        p.backend, p.version, p.artefact, p.device, cuda_graphs, threads, density=p.density
+    )
+    return backend, None
 
 
 def load_model(

@@ -26,6 +26,7 @@ from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.device import DeviceError, resolve_device
 from seednet.export import check_version_metadata, verified_backends
+from seednet.graph import density_file_name
 from seednet.runtimes import openvino_available
 from service.dataplane.backends import BACKENDS
 from service.errors import ModelLoadError
@@ -57,6 +58,7 @@ class Prepared:
     threads: Mapping[str, int] = field(default_factory=dict)
     recorded: Mapping | None = None
     remeasure: bool = False
+    density: Path | None = None  # the eager graph's ood.safetensors (density+energy only)
 
 
 def prepare(
@@ -91,7 +93,11 @@ def prepare(
         return {n: threads(n) for n in names} if threads is not None and device == "cpu" else {}
 
     if backend == "eager":
-        return Prepared(mv, backend, weights, device, threads=threads_of([backend]))
+        name = density_file_name(mv.manifest)
+        density = registry.open_verified(mv, name) if name else None
+        return Prepared(
+            mv, backend, weights, device, threads=threads_of([backend]), density=density
+        )
     if backend in ("openvino", "onnx-int8") and device != "cpu":
         raise ModelLoadError(
             f"the {backend} backend runs on the CPU only (it was verified there); "

@@ -115,3 +115,77 @@ def test_an_export_with_another_temperature_is_caught(tiny_graphs, images, tmp_p
 def test_the_flag_rule_is_strictly_above_the_threshold():
     scores = np.array([-3.0, -2.0, -1.999, 0.0], dtype=np.float32)
     assert out_of_distribution(scores, -2.0).tolist() == [False, False, True, True]
+
+
+@pytest.fixture(scope="module")
+def density_graph(served_registry, cifar_dir):
+    """tiny@1 with the density+energy score, its Gaussians fitted on 20 training images
+    per class and standardised on 10 test images per class (as `training calibrate` does)."""
+    from seednet.graph import DensityCalibratedInferenceModel
+    from seednet.ood import FeatureDensity, fit_gaussians, standardise
+
+    reg = Registry(served_registry)
+    mv = reg.resolve("tiny", "1")
+    m = mv.manifest
+    weights = reg.open_verified(mv, "weights.safetensors")
+    calibrated = inference_model(m.model.config, weights, temperature=0.8)
+    net = calibrated.model
+    stage = len(net.stages) - 2
+
+    def outputs(x: torch.Tensor):
+        with torch.no_grad():
+            logits, _, means = net.forward_with_stage_means(calibrated.normalize(x))
+        return logits.numpy(), means[stage].numpy()
+
+    train = load_split(cifar_dir, "train", 20)
+    _, feats = outputs(train.images)
+    means, whitening = fit_gaussians(feats, train.labels.numpy(), 10)
+    fit_logits, fit_feats = outputs(load_split(cifar_dir, "test", 10).images)
+    raw = FeatureDensity(stage, means, whitening, 0.0, 1.0, 0.0, 1.0)
+    energy = -torch.logsumexp(torch.from_numpy(fit_logits) / 0.8, 1).numpy()
+    density = FeatureDensity(
+        stage, means, whitening, *standardise(energy), *standardise(raw.density(fit_feats))
+    )
+    return DensityCalibratedInferenceModel(net, 0.8, density).eval(), density, outputs
+
+
+def test_the_density_score_in_the_graph_is_the_fitted_one(density_graph, images):
+    """The graph's ood_score is energy + feature density, each standardised, as the numpy
+    formula that fitted it; probabilities and attention are the temperature graph's."""
+    graph, density, outputs = density_graph
+    with torch.no_grad():
+        probs, _, score = graph(images)
+    logits, feats = outputs(images)
+    energy = -torch.logsumexp(torch.from_numpy(logits) / 0.8, 1).numpy()
+    expected = density.score(energy, feats)
+    assert np.abs(score.numpy() - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+    assert torch.equal(probs.argmax(1), torch.from_numpy(logits).argmax(1))
+    assert graph.metadata()["ood_score"] == "density+energy"
+    assert graph.metadata()["ood_stage"] == density.stage
+    # uniform noise is far from every class: it scores above the in-distribution images
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (32, 3, 32, 32), np.uint8))
+    with torch.no_grad():
+        _, _, noise_score = graph(noise)
+    assert noise_score.median() > np.quantile(score.numpy(), 0.95)
+
+
+def test_the_density_graph_exports_within_tolerance(density_graph, images, tmp_path):
+    graph, _, _ = density_graph
+    report = export_and_check(graph, images, tmp_path)
+    assert report.passed
+    for name in ("model.ts", "model.onnx"):
+        assert export_metadata(tmp_path / name)["ood_score"] == "density+energy"
+
+
+def test_the_whitening_is_the_inverse_shared_covariance():
+    from seednet.ood import SHRINKAGE, fit_gaussians
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 200)
+    feats = rng.normal(size=(600, 4)) @ np.diag([1.0, 2.0, 0.5, 3.0]) + labels[:, None]
+    means, w = fit_gaussians(feats, labels, 3)
+    centred = feats - means[labels]
+    cov = centred.T @ centred / len(feats)
+    cov += SHRINKAGE * np.trace(cov) / 4 * np.eye(4)
+    assert np.allclose(w @ w.T, np.linalg.inv(cov), rtol=1e-4, atol=1e-5)
+    assert np.allclose(means, [feats[labels == c].mean(0) for c in range(3)], atol=1e-5)

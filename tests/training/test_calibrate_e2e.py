@@ -14,6 +14,7 @@ from registry.files import sha256_file
 from registry.manifest import PUBLISHED_INT8_FILE
 from seednet.export import check_version_metadata, export_metadata
 from seednet.graph import CALIBRATED_OUTPUTS, out_of_distribution
+from seednet.ood import DENSITY_FILE
 from seednet.runtimes import ort_outputs, ort_session
 from training.ood_sets import PROCEDURAL
 
@@ -46,11 +47,28 @@ def test_calibrate_publishes_a_verified_child_with_its_figures(calibrated):
     for key in ("ece", "nll", "brier", "uncalibrated_ece", "uncalibrated_nll"):
         assert isinstance(getattr(m.metrics, key), float)
     assert m.metrics.ece_bins == 15 and m.metrics.calibration_eval_images == 50
-    assert m.ood.score == "energy" and m.ood.target_kept == 0.95
+    assert m.ood.score == "density+energy" and m.ood.target_kept == 0.95
     assert set(m.ood.sets) == set(PROCEDURAL)
     for figures in m.ood.sets.values():
         assert 0 <= figures["auroc"] <= 1 and figures["images"] == 40
+    # the density's arrays: a checksummed version file; its scalars and stage in the manifest
+    features = m.ood.features
+    stages = len(m.model.config["stages"])
+    assert features["file"] == DENSITY_FILE and features["stage"] == stages - 2
+    assert features["energy_scale"] > 0 and features["density_scale"] > 0
+    assert DENSITY_FILE in m.files and (mv.path / DENSITY_FILE).is_file()
+    # every other score was measured beside it, on the same sets
+    assert {"energy", "max_softmax", "density+energy@stage0"} <= set(m.ood.details["alternatives"])
     assert registry.verify(mv) == []
+    path = mv.path / DENSITY_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    try:
+        assert any(DENSITY_FILE in p for p in registry.verify(mv))
+    finally:
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
 
 
 @pytest.mark.slow
