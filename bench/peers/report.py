@@ -28,6 +28,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The instruction sets that decide which backend and precision win on a CPU (int8 needs
+# VNNI to be fast without saturating; AMX and bf16 change the fp32/bf16 picture).
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> str:
+    """The CPU's SIMD flags among :data:`SIMD_FLAGS` (lscpu's names), or "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in SIMD_FLAGS if f in have) or "none of " + ", ".join(
+                    SIMD_FLAGS
+                )
+    except OSError:
+        pass
+    return "unknown"
+
+
 def mem_total_gib() -> str:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -107,6 +126,7 @@ def main() -> int:
     out += [
         f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores; memory {mem_total_gib()}",
+        f"- CPU flags: {cpu_flags()}",
         f"- kernel: {platform.release()}; Python {platform.python_version()}",
         f"- repository: {git_rev(repo)}",
         "",
