@@ -49,9 +49,11 @@ DECISIONS = ("check", "advance", "promote", "rollback", "abort")
 STATE_SERIES = ("seednet_model_info", "seednet_rollout_info")
 MODEL_INFO = ("name", "version", "backend", "device")
 ROLLOUT_INFO = ("name", "rollout", "stable", "candidate", "step", "state")
-# ood_score = -logsumexp(logits / T): about -10 for a confident answer, -2.3 (= -log 10)
-# for a uniform one; a version's threshold sits between (about -3.7 for seednet@2).
-OOD_BUCKETS = (-12, -10, -8, -7, -6, -5, -4.5, -4, -3.5, -3, -2.5, -2)
+# Two scales, one set of buckets. energy (@2): -logsumexp(logits / T), about -10 for a
+# confident answer, -2.3 (= -log 10) for a uniform one, thresholds near -3.7.
+# density+energy (@3): a sum of two standardised scores, about 0 for a CIFAR image,
+# thresholds near 3, noise in the hundreds.
+OOD_BUCKETS = (-12, -10, -8, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 7.5, 10, 25, 100, 1000)
 # An explanation takes tens of milliseconds to seconds (gradients, many images).
 EXPLAIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 EXPLAIN_OUTCOMES = ("done", "queue_full", "timeout", "invalid", "failed")

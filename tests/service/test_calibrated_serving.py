@@ -66,9 +66,11 @@ def test_every_protocol_returns_the_same_calibrated_numbers(served):
     # auto may pick the int8 graph (its gate passed at publication): its numbers are the
     # golden ones up to quantisation; every fp32 backend's up to summation order
     backend = httpx.get(f"{srv.url}/health/ready").json()["model"]["backend"]
-    atol = 0.02 if backend.endswith("int8") else 1e-4
-    np.testing.assert_allclose(probs, golden["probabilities"][:6], atol=atol)
-    np.testing.assert_allclose(scores, golden["ood_score"][:6], atol=5 * atol)
+    int8 = backend.endswith("int8")
+    np.testing.assert_allclose(probs, golden["probabilities"][:6], atol=0.02 if int8 else 1e-4)
+    # the density+energy score is in units of the in-distribution spread (its threshold
+    # near 3): int8 features move it by up to a quarter of that
+    np.testing.assert_allclose(scores, golden["ood_score"][:6], atol=0.25 if int8 else 5e-4)
     assert flags == out_of_distribution(scores, threshold).tolist()
 
     http = httpclient.InferenceServerClient(srv.url.removeprefix("http://"))
