@@ -17,7 +17,7 @@ count: that work is done by then). Before its body is read, a request waits at t
 could start in time, and is refused (:class:`~service.errors.Overloaded`, 429) when it
 still cannot by its deadline: closed-loop clients refused at once come straight back, and
 hundreds of refusals a second took the event loop's core from the requests being answered.
-The door is a line, not a poll: waiters are let in, oldest first, when a batch takes
+The door is a line, not a poll: waiters are let in, newest first, when a batch takes
 images off the queue (256 waiters polling every 20 ms woke the event loop 12,800 times a
 second on the core that parses the requests being answered).
 After the door, a request is refused at once (429) when the
@@ -285,23 +285,26 @@ class Batcher:
 
     def _room_changed(self) -> None:
         """Let in the waiters at the door that can now start within their deadline,
-        oldest first. Those let in count as ahead of the next until they reach the queue
+        newest first. Those let in count as ahead of the next until they reach the queue
         (their bodies are read meanwhile), so one drained batch does not let in a crowd.
-        An older waiter that cannot start in time any more does not hold back a younger
-        one that can: it is refused at its deadline, and the younger one is served."""
+
+        Newest first because the door has waiters only when the service is overloaded:
+        then the same number of requests goes in either way, and letting in those with
+        the most deadline left answers them soon, while the oldest are refused (429) at
+        their deadline; oldest first would serve every request late (adaptive LIFO)."""
         if not self._door:
             return
         now, letting_in = time.perf_counter(), 0
         spi = self.seconds_per_image()
         waiting: deque[_Waiter] = deque()
-        for waiter in self._door:
+        for waiter in reversed(self._door):
             if waiter.future.done():  # timed out, or its client left
                 continue
             if (self.images_ahead() + letting_in) * spi <= self._budget(now - waiter.arrived):
                 waiter.future.set_result(None)
                 letting_in += waiter.n
             else:
-                waiting.append(waiter)
+                waiting.appendleft(waiter)
         self._door = waiting
 
     def admit(self, n: int) -> None:

@@ -262,7 +262,8 @@ def test_a_request_waits_at_the_door_for_room_within_its_deadline():
 def test_the_door_lets_in_only_what_can_start_in_time_when_room_appears():
     """Room for a few images lets in a few waiters, not the crowd at the door: those let
     in count as ahead of the rest until their images reach the queue; the rest are
-    refused (429) at their deadline, and none waits past it."""
+    refused (429) at their deadline, and none waits past it. The newest go in (they have
+    the most deadline left: adaptive LIFO under overload)."""
     import asyncio
 
     from service.dataplane.batching import Batcher, ServiceRate
@@ -273,24 +274,29 @@ def test_the_door_lets_in_only_what_can_start_in_time_when_room_appears():
         b.rate = ServiceRate(seconds_per_image=0.1, samples=1)
         b.queued_images = 10  # 1 s of work ahead: nobody fits in 0.5 s
         t0 = time.perf_counter()
-        outcomes: list[str] = []
+        outcomes: dict[int, str] = {}
 
-        async def enter() -> None:
+        async def enter(i: int) -> None:
             try:
                 await b.wait_for_room(1)
-                outcomes.append("in")
+                outcomes[i] = "in"
             except Overloaded:
-                outcomes.append("429")
+                outcomes[i] = "429"
 
-        tasks = [asyncio.create_task(enter()) for _ in range(20)]
-        await asyncio.sleep(0.05)
+        tasks = []
+        for i in range(20):  # arrivals 2 ms apart: request 19 is the newest
+            tasks.append(asyncio.create_task(enter(i)))
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.02)
         assert not outcomes  # all at the door
-        b.queued_images = 1  # 0.1 s ahead: room for about 3 more within ~0.45 s
+        b.queued_images = 1  # 0.1 s ahead: room for about 3 more within ~0.4 s
         b._room_changed()
         await asyncio.gather(*tasks)
-        return outcomes.count("in"), outcomes.count("429"), time.perf_counter() - t0
+        let_in = sorted(i for i, o in outcomes.items() if o == "in")
+        return let_in, list(outcomes.values()).count("429"), time.perf_counter() - t0
 
     let_in, refused, elapsed = asyncio.run(crowd())
-    assert 1 <= let_in <= 5, let_in
-    assert let_in + refused == 20
+    assert 1 <= len(let_in) <= 5, let_in
+    assert let_in == list(range(20 - len(let_in), 20))  # the newest arrivals
+    assert len(let_in) + refused == 20
     assert elapsed < 1.0
