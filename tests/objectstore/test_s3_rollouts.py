@@ -39,7 +39,11 @@ def test_a_rollout_on_s3_is_followed_decided_once_and_repaired(
         mine = Registry(s3_root, cache_dir=cache_dir)
         barrier.wait()
         try:
-            mine.decide_rollout("seednet", seen.running.id, action, f"{action} by a judge")
+            # (the step it judged, as the service's judges pass it: without it an advance
+            # then a rollback are two valid decisions in a row, not a race)
+            mine.decide_rollout(
+                "seednet", seen.running.id, action, f"{action} by a judge", step=seen.running.step
+            )
             results[action] = None
         except BaseException as e:
             results[action] = e
