@@ -35,6 +35,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -237,7 +238,9 @@ def density_for(
     return FeatureDensity(stage, means, whitening, e_loc, e_scale, d_loc, d_scale)
 
 
-def score_function(method: str, temperature: float, density: FeatureDensity | None = None):
+def score_function(
+    method: str, temperature: float, density: FeatureDensity | None = None
+) -> Callable[[Outputs], np.ndarray]:
     """``outputs -> scores`` for one OOD score (higher: less like the training images)."""
     if density is not None:
         key = f"stage{density.stage}"
@@ -246,7 +249,7 @@ def score_function(method: str, temperature: float, density: FeatureDensity | No
 
 
 def ood_figures(
-    score,
+    score: Callable[[Outputs], np.ndarray],
     fit: Outputs,
     evaluate: Outputs,
     sets: dict[str, Outputs],
