@@ -278,8 +278,12 @@ class Batcher:
             except asyncio.TimeoutError:
                 pass  # admit() below refuses it, unless room came at the last moment
             finally:
-                if not waiter.future.done():
-                    waiter.future.cancel()  # _room_changed drops it from the line
+                if waiter.future.cancelled() or not waiter.future.done():
+                    # timed out, or its client left: off the line now, or later arrivals
+                    # would queue behind it at an idle server, with no batch to let them in
+                    waiter.future.cancel()
+                    with contextlib.suppress(ValueError):  # (already dropped)
+                        self._door.remove(waiter)
         WAITED.set(time.perf_counter() - arrived)
         self.admit(n)
 
@@ -298,7 +302,7 @@ class Batcher:
         spi = self.seconds_per_image()
         waiting: deque[_Waiter] = deque()
         for waiter in reversed(self._door):
-            if waiter.future.done():  # timed out, or its client left
+            if waiter.future.done():  # leaving (timed out, or its client left)
                 continue
             if (self.images_ahead() + letting_in) * spi <= self._budget(now - waiter.arrived):
                 waiter.future.set_result(None)

@@ -300,3 +300,29 @@ def test_the_door_lets_in_only_what_can_start_in_time_when_room_appears():
     assert let_in == list(range(20 - len(let_in), 20))  # the newest arrivals
     assert len(let_in) + refused == 20
     assert elapsed < 1.0
+
+
+def test_after_an_overload_a_request_at_an_empty_queue_goes_in_at_once():
+    """A waiter refused at its deadline leaves the door: the next request, once the queue
+    has drained, is not held behind it (it was: every later request waited its whole
+    deadline behind the line and was refused, and nothing ever ran again)."""
+    import asyncio
+
+    from service.dataplane.batching import Batcher, ServiceRate
+    from service.errors import Overloaded
+
+    async def after_overload() -> float:
+        b = Batcher(lambda: None, max_batch_size=64, max_wait=0.002, queue_timeout=0.3)
+        b.rate = ServiceRate(seconds_per_image=0.1, samples=1)
+        b.queued_images = 10  # 1 s ahead: refused at its 0.3 s deadline
+        try:
+            await b.wait_for_room(1)
+            raise AssertionError("admitted although 1 s of work was ahead")
+        except Overloaded:
+            pass
+        b.queued_images = 0  # the overload is over
+        t0 = time.perf_counter()
+        await b.wait_for_room(1)
+        return time.perf_counter() - t0
+
+    assert asyncio.run(after_overload()) < 0.05
