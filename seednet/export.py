@@ -360,14 +360,17 @@ def golden_set(model: InferenceModel, images: torch.Tensor) -> dict[str, torch.T
     }
 
 
+def density_path(registry: Registry, mv: ModelVersion) -> Path | None:
+    """The verified ``ood.safetensors`` of a version whose OOD score needs it, else None."""
+    name = density_file_name(mv.manifest)
+    return registry.open_verified(mv, name) if name else None
+
+
 def served_graph(registry: Registry, mv: ModelVersion) -> InferenceModel:
     """The eager served graph of a registry version, from its verified weights (calibrated
     with the manifest's temperature when the version has one)."""
-    density = density_file_name(mv.manifest)
     return version_graph(
-        mv.manifest,
-        registry.open_verified(mv, WEIGHTS_FILE),
-        registry.open_verified(mv, density) if density else None,
+        mv.manifest, registry.open_verified(mv, WEIGHTS_FILE), density_path(registry, mv)
     )
 
 

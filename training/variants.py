@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from registry import ModelVersion, Registry, VersionSpec
 from registry.manifest import GOLDEN_FILE, WEIGHTS_FILE, Metrics
-from seednet.export import golden_set, materialize
-from seednet.graph import density_file_name, version_graph
+from seednet.export import density_path, golden_set, materialize
+from seednet.graph import version_graph
+from seednet.ood import DENSITY_FILE
 
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -62,14 +63,13 @@ def publish_variant(
     with registry.scratch(source.name) as tmp:
         weights_path = tmp / WEIGHTS_FILE
         save_file(weights, str(weights_path))
-        density = density_file_name(m)  # the features' density is the source's: carried
-        density_path = registry.open_verified(source, density) if density else None
-        model = version_graph(m, weights_path, density_path)
+        density = density_path(registry, source)  # the source's features' density: carried
+        model = version_graph(m, weights_path, density)
         golden_path = tmp / GOLDEN_FILE
         save_file(golden_set(model, golden["images"]), str(golden_path))
         files = {WEIGHTS_FILE: weights_path, GOLDEN_FILE: golden_path}
-        if density_path is not None:
-            files[density] = density_path
+        if density is not None:
+            files[DENSITY_FILE] = density
         mv = registry.publish(source.name, files, spec, parent=source.ref, force=True)
     if exports:
         materialize(registry, mv)

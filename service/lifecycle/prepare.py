@@ -25,8 +25,7 @@ from pathlib import Path
 from registry import ModelVersion, Registry
 from registry.manifest import EXPORT_FILES, GOLDEN_FILE, WEIGHTS_FILE
 from seednet.device import DeviceError, resolve_device
-from seednet.export import check_version_metadata, verified_backends
-from seednet.graph import density_file_name
+from seednet.export import check_version_metadata, density_path, verified_backends
 from seednet.runtimes import openvino_available
 from service.dataplane.backends import BACKENDS
 from service.errors import ModelLoadError
@@ -93,8 +92,7 @@ def prepare(
         return {n: threads(n) for n in names} if threads is not None and device == "cpu" else {}
 
     if backend == "eager":
-        name = density_file_name(mv.manifest)
-        density = registry.open_verified(mv, name) if name else None
+        density = density_path(registry, mv)
         return Prepared(
             mv, backend, weights, device, threads=threads_of([backend]), density=density
         )

@@ -122,7 +122,7 @@ def density_graph(served_registry, cifar_dir):
     """tiny@1 with the density+energy score, its Gaussians fitted on 20 training images
     per class and standardised on 10 test images per class (as `training calibrate` does)."""
     from seednet.graph import DensityCalibratedInferenceModel
-    from seednet.ood import FeatureDensity, fit_gaussians, standardise
+    from training.calibrate import density_for
 
     reg = Registry(served_registry)
     mv = reg.resolve("tiny", "1")
@@ -137,15 +137,13 @@ def density_graph(served_registry, cifar_dir):
             logits, _, means = net.forward_with_stage_means(calibrated.normalize(x))
         return logits.numpy(), means[stage].numpy()
 
+    def named(x: torch.Tensor) -> dict:
+        logits, feats = outputs(x)
+        return {"logits": logits, f"stage{stage}": feats}
+
     train = load_split(cifar_dir, "train", 20)
-    _, feats = outputs(train.images)
-    means, whitening = fit_gaussians(feats, train.labels.numpy(), 10)
-    fit_logits, fit_feats = outputs(load_split(cifar_dir, "test", 10).images)
-    raw = FeatureDensity(stage, means, whitening, 0.0, 1.0, 0.0, 1.0)
-    energy = -torch.logsumexp(torch.from_numpy(fit_logits) / 0.8, 1).numpy()
-    density = FeatureDensity(
-        stage, means, whitening, *standardise(energy), *standardise(raw.density(fit_feats))
-    )
+    fit = load_split(cifar_dir, "test", 10)
+    density = density_for(stage, 0.8, named(train.images), train.labels.numpy(), named(fit.images))
     return DensityCalibratedInferenceModel(net, 0.8, density).eval(), density, outputs
 
 
