@@ -179,8 +179,12 @@ class Metrics:
 class Calibration:
     """Temperature scaling, inside the served graph: ``softmax(logits / temperature)``.
 
-    ``fitted_on`` / ``evaluated_on`` describe the images (never used in training) the
-    temperature was fitted on and the figures in ``metrics`` measured on.
+    With a ``curve`` (method ``confidence-temperature``) the served probabilities are
+    ``softmax(logits / T(c))``, one temperature per image from its confidence
+    (``log_t0``, ``knots``, ``slopes``: seednet.temperature); ``temperature`` is then
+    still the one the OOD score uses. ``fitted_on`` / ``evaluated_on`` describe the
+    images (never used in training) the calibration was fitted on and the figures in
+    ``metrics`` measured on.
     """
 
     method: str
@@ -188,6 +192,7 @@ class Calibration:
     fitted_on: dict = field(default_factory=dict)
     evaluated_on: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    curve: dict | None = None
 
     @classmethod
     def from_dict(cls, data: object) -> Calibration:
@@ -197,7 +202,15 @@ class Calibration:
             raise ValueError("calibration.temperature must be a number")
         if not temperature > 0:
             raise ValueError("calibration.temperature must be positive")
+        curve = d.get("curve")
+        if curve is not None and not (
+            isinstance(curve, dict)
+            and all(isinstance(curve.get(k), list) for k in ("knots", "slopes"))
+            and isinstance(curve.get("log_t0"), (int, float))
+        ):
+            raise ValueError("calibration.curve must hold log_t0, knots and slopes")
         return cls(
+            curve=curve,
             method=_str(d.get("method"), "calibration.method"),
             temperature=float(temperature),
             fitted_on=dict(d.get("fitted_on") or {}),
@@ -341,6 +354,10 @@ class Manifest(VersionSpec):
                 data = _plain(asdict(value))
                 extra = data.pop("extra")
                 value = {**extra, **{k: v for k, v in data.items() if v is not None or k in _V2}}
+            elif f.name == "calibration":
+                value = _plain(asdict(value))
+                if value["curve"] is None:
+                    del value["curve"]  # one temperature: written as before
             elif f.name == "ood":
                 value = _plain(asdict(value))
                 if not value["features"]:

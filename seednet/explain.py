@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seednet.constants import CIFAR10_MEAN, CIFAR10_STD, INPUT_SIZE
-from seednet.graph import InferenceModel, inference_model
+from seednet.graph import CalibratedInferenceModel, InferenceModel, inference_model
 from seednet.model import IntermediateBlock, PlainStage, ResidualMacroBlock
 
 # Images explained per pass: bounds the activations and gradients held at once
@@ -124,6 +124,8 @@ class Explainer:
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(model, CalibratedInferenceModel) and temperature != 1.0:
+            raise ValueError("a calibrated graph carries its own temperature")
         self.device = torch.device(device)
         self.model = copy.deepcopy(model).to(self.device).eval()
         # Gradients are needed with respect to layer outputs only, never the weights.
@@ -134,6 +136,13 @@ class Explainer:
         self.num_branches = len(self._blocks[0].branches)
         self.num_classes = self.model.model.config.num_classes
         self._lock = threading.Lock()
+
+    def _probabilities(self, logits: Tensor) -> Tensor:
+        """The served graph's probabilities: a calibrated graph's own calibration (its
+        temperature, or one per image), else ``softmax(logits / temperature)``."""
+        if isinstance(self.model, CalibratedInferenceModel):
+            return self.model.probabilities(logits, logits * self.model.scale)
+        return torch.softmax(logits / self.temperature, dim=1)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -325,7 +334,7 @@ class Explainer:
             logits = seen["logits"].float()
             result = {
                 "logits": logits,
-                "probabilities": torch.softmax(logits / self.temperature, dim=1),
+                "probabilities": self._probabilities(logits),
                 "target": seen["target"],
                 "attention": seen["attention"].float(),
                 "gradcam": torch.cat(gradcam, 1),

@@ -5,9 +5,11 @@ The exported graph is :class:`seednet.graph.InferenceModel`: input ``images`` ui
 ``[N, 10]`` (softmax) and ``attention`` ``[N, 7, 2]`` (every block has 2 branches, so
 the attention of all blocks is one tensor, network order on axis 1). A calibrated
 version's graph (:class:`seednet.graph.CalibratedInferenceModel`) divides the logits by
-its temperature first and has a third output, ``ood_score`` fp32 ``[N]``.
+its temperature first (or by each image's, :mod:`seednet.temperature`) and has a third
+output, ``ood_score`` fp32 ``[N]``.
 
-Every export carries the graph's metadata (output names, temperature, OOD score): ONNX
+Every export carries the graph's metadata (output names, temperature and its curve, OOD
+score): ONNX
 as ``metadata_props`` key ``seednet``, TorchScript as the extra file ``seednet``. It is
 read back from the written files and must equal the graph's, so the temperature in an
 export is the manifest's; the golden-set check proves the graph computes with it.
@@ -407,11 +409,12 @@ def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
 
 
 def check_version_metadata(registry: Registry, mv: ModelVersion) -> list[str]:
-    """Problems (empty: none) where an export of ``mv`` records another temperature or OOD
-    score than its manifest: the derived TorchScript and ONNX files and the published int8
+    """Problems (empty: none) where an export of ``mv`` records another temperature, curve
+    or OOD score than its manifest: the derived TorchScript and ONNX files and the published int8
     file, each read back from disk."""
     m = mv.manifest
     expected_t = m.calibration.temperature if m.calibration else None
+    expected_curve = m.calibration.curve if m.calibration else None
     expected_ood = m.ood.score if m.ood else None
     names = list(registry.derived(mv).get("files", {}))
     if m.int8 is not None and m.int8.file:
@@ -423,5 +426,10 @@ def check_version_metadata(registry: Registry, mv: ModelVersion) -> list[str]:
             problems.append(
                 f"{name}: temperature {meta.get('temperature')}, ood_score "
                 f"{meta.get('ood_score')}; the manifest says {expected_t}, {expected_ood}"
+            )
+        if meta.get("confidence_temperature") != expected_curve:
+            problems.append(
+                f"{name}: confidence temperature {meta.get('confidence_temperature')}; "
+                f"the manifest says {expected_curve}"
             )
     return problems

@@ -5,7 +5,8 @@ pixels a model was trained on and the pixels it is served cannot drift apart.
 :class:`InferenceModel` is what gets exported: uint8 images in, probabilities and the
 stacked attention out. :class:`CalibratedInferenceModel` (versions with a ``calibration``
 and an ``ood`` section in their manifest) also divides the logits by the fitted
-temperature before the softmax and returns a third output, ``ood_score``: like
+temperature before the softmax (one number, or one per image from its confidence:
+:mod:`seednet.temperature`) and returns a third output, ``ood_score``: like
 normalisation, calibration lives inside the graph, so every backend and protocol returns
 the same calibrated numbers.
 """
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from seednet.constants import CIFAR10_MEAN, CIFAR10_STD
 from seednet.model import SeedNet, SeedNetConfig, build_model
 from seednet.ood import DENSITY_SCORE, DensityScore, FeatureDensity
+from seednet.temperature import ConfidenceTemperature, ConfidenceTemperatureScaling
 
 if TYPE_CHECKING:
     from registry.manifest import Manifest
@@ -98,14 +100,17 @@ class InferenceModel(nn.Module):
 class CalibratedInferenceModel(InferenceModel):
     """The served graph of a calibrated version: three outputs.
 
-    - ``probabilities`` ``[N, classes]``: ``softmax(logits / temperature)``; dividing by
-      one positive number never changes the order of the logits, so the top-1 class is
-      the uncalibrated model's;
+    - ``probabilities`` ``[N, classes]``: ``softmax(logits / temperature)``, or with a
+      ``curve`` ``softmax(logits / T(c))`` (:mod:`seednet.temperature`); dividing by one
+      positive number per image never changes the order of its logits, so the top-1
+      class is the uncalibrated model's;
     - ``attention`` ``[N, blocks, L]``: as :class:`InferenceModel`;
-    - ``ood_score`` ``[N]`` fp32: :data:`OOD_SCORES` [``ood_score``].
+    - ``ood_score`` ``[N]`` fp32: :data:`OOD_SCORES` [``ood_score``], always with the
+      one ``temperature`` (the score and its threshold do not depend on the curve).
 
-    The temperature is a constant of the graph (folded into every export), and the exports
-    carry it in their metadata too, so it can be compared with the manifest's.
+    The temperature and the curve are constants of the graph (folded into every export),
+    and the exports carry them in their metadata too, so they can be compared with the
+    manifest's.
     """
 
     output_names = CALIBRATED_OUTPUTS
@@ -117,6 +122,7 @@ class CalibratedInferenceModel(InferenceModel):
         ood_score: str = "energy",
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
+        curve: ConfidenceTemperature | None = None,
     ) -> None:
         super().__init__(model, mean, std)
         if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
@@ -129,24 +135,39 @@ class CalibratedInferenceModel(InferenceModel):
         self.register_buffer(
             "scale", torch.tensor(1.0 / self.temperature, dtype=torch.float32), persistent=False
         )
+        self.curve = curve
+        self.per_image = ConfidenceTemperatureScaling(curve) if curve is not None else None
+
+    def probabilities(self, logits: Tensor, z: Tensor) -> Tensor:
+        """The served probabilities from the logits (``z``: the logits / temperature)."""
+        if self.per_image is not None:
+            return torch.softmax(self.per_image(logits), dim=1)
+        return torch.softmax(z, dim=1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         logits, attentions = self.model(self.normalize(images))
         z = logits.float() * self.scale
-        probs = torch.softmax(z, dim=1)
+        probs = self.probabilities(logits.float(), z)
         # energy: one ReduceLogSumExp then Neg in ONNX, stable in ONNX Runtime and OpenVINO
         # (checked with logits in the hundreds); ONNX Runtime's quantisation tools cannot
         # infer shapes past a hand-written max-subtract-exp, nor past a multiplication
         # after the ReduceLogSumExp, hence E / T and not E.
-        score = -torch.logsumexp(z, dim=1) if self.energy else -probs.max(dim=1).values
+        if self.energy:
+            score = -torch.logsumexp(z, dim=1)
+        else:  # the score's softmax is at the one temperature, with or without a curve
+            plain = probs if self.per_image is None else torch.softmax(z, dim=1)
+            score = -plain.max(dim=1).values
         return probs, torch.stack(attentions, dim=1).float(), score
 
     def metadata(self) -> dict:
-        return {
+        meta = {
             "outputs": list(self.output_names),
             "temperature": self.temperature,
             "ood_score": self.ood_score,
         }
+        if self.curve is not None:  # absent, not null, in the exports of earlier versions
+            meta["confidence_temperature"] = self.curve.to_dict()
+        return meta
 
 
 class DensityCalibratedInferenceModel(CalibratedInferenceModel):
@@ -161,8 +182,9 @@ class DensityCalibratedInferenceModel(CalibratedInferenceModel):
         density: FeatureDensity,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
+        curve: ConfidenceTemperature | None = None,
     ) -> None:
-        super().__init__(model, temperature, "energy", mean, std)
+        super().__init__(model, temperature, "energy", mean, std, curve)
         if not 0 <= density.stage < len(model.stages):
             raise ValueError(f"ood stage {density.stage} is not a stage of this network")
         self.ood_score = DENSITY_SCORE
@@ -172,7 +194,7 @@ class DensityCalibratedInferenceModel(CalibratedInferenceModel):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         logits, attentions, means = self.model.forward_with_stage_means(self.normalize(images))
         z = logits.float() * self.scale
-        probs = torch.softmax(z, dim=1)
+        probs = self.probabilities(logits.float(), z)
         energy = -torch.logsumexp(z, dim=1)
         score = self.density(energy, means[self.stage])
         return probs, torch.stack(attentions, dim=1).float(), score
@@ -208,18 +230,19 @@ def inference_model(
     temperature: float | None = None,
     ood_score: str = "energy",
     density: FeatureDensity | None = None,
+    curve: ConfidenceTemperature | None = None,
 ) -> InferenceModel:
     """The served graph of a trained network, in eval mode on the CPU; calibrated (three
-    outputs) when a ``temperature`` is given; with a ``density`` when the OOD score is
-    ``density+energy``."""
+    outputs) when a ``temperature`` is given, per image when also a ``curve``; with a
+    ``density`` when the OOD score is ``density+energy``."""
     model = model_from_weights(config, weights)
     if temperature is None:
         return InferenceModel(model, mean, std).eval()
     if ood_score == DENSITY_SCORE:
         if density is None:
             raise ValueError(f"the {DENSITY_SCORE} OOD score needs its fitted density")
-        return DensityCalibratedInferenceModel(model, temperature, density, mean, std).eval()
-    return CalibratedInferenceModel(model, temperature, ood_score, mean, std).eval()
+        return DensityCalibratedInferenceModel(model, temperature, density, mean, std, curve).eval()
+    return CalibratedInferenceModel(model, temperature, ood_score, mean, std, curve).eval()
 
 
 def version_graph(
@@ -242,7 +265,16 @@ def version_graph(
         temperature=calibration.temperature if calibration is not None else None,
         ood_score=ood.score if ood is not None else "energy",
         density=density,
+        curve=version_curve(manifest),
     )
+
+
+def version_curve(manifest: Manifest) -> ConfidenceTemperature | None:
+    """The version's confidence temperature (:mod:`seednet.temperature`), if it has one."""
+    calibration = manifest.calibration
+    if calibration is None or calibration.curve is None:
+        return None
+    return ConfidenceTemperature.from_dict(calibration.curve)
 
 
 def density_file_name(manifest: Manifest) -> str | None:

@@ -104,8 +104,11 @@ class _Calibration:
 # Ops that only reshape, scale or normalise what they are given: between the last compute
 # op (a Conv, Gemm or MatMul) and an output they stay float, so the outputs are not rounded
 # to uint8 steps: the softmax, and in a calibrated graph the division by the temperature
-# and the log-sum-exp of ``ood_score``.
+# (with a confidence temperature, its curve: seednet.temperature, a Relu among them) and
+# the log-sum-exp of ``ood_score``. The walk back from an output stops at the first op not
+# listed, so the network's own Relus (before its last Gemm) are never reached.
 _TAIL_OPS = {
+    "Relu",
     "Softmax",
     "Concat",
     "Unsqueeze",
@@ -133,7 +136,6 @@ _TAIL_OPS = {
 _OOD_OPS = _TAIL_OPS | {
     "MatMul",
     "Gemm",
-    "Relu",
     "ReduceMean",
     "GlobalAveragePool",
     "Transpose",

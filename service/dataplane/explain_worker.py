@@ -116,11 +116,9 @@ def _explainer(key: VersionKey):
     if registry is None:
         registry = _registries[key.root] = Registry(key.root)
     mv = registry.resolve(key.name, key.version)
-    # A calibrated version scales its served probabilities by a temperature; the maps
-    # use the logits and do not depend on it.
-    calibration = getattr(mv.manifest, "calibration", None)
-    temperature = getattr(calibration, "temperature", None) or 1.0
-    explainer = Explainer.from_registry(registry, mv, device="cpu", temperature=temperature)
+    # The served graph carries a calibrated version's calibration, so the explanation's
+    # probabilities are the served ones; the maps use the logits and do not depend on it.
+    explainer = Explainer.from_registry(registry, mv, device="cpu")
     _explainers[key] = explainer
     while len(_explainers) > KEPT:
         _explainers.popitem(last=False)
