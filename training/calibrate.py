@@ -7,12 +7,13 @@ the weights of an existing version (which stay as they are):
    test set, the out-of-distribution sets (``data/ood``, :mod:`training.ood_sets`) and
    corrupted copies of the evaluation images, by ONNX Runtime (cached by weights and
    images under ``data/calibration-cache``);
-2. **fit** the temperature (and, side by side, vector scaling and histogram binning) on
-   images the network never trained on, and measure ECE / NLL / Brier before and after
-   on other images; both OOD scores (energy, max-softmax) with their AUROC and FPR at
-   95 % TPR per set; the threshold that keeps 95 % of the fitting images;
+2. **fit** the calibration (by default a temperature per image from its confidence,
+   :mod:`seednet.temperature`; side by side, one temperature, vector scaling and
+   histogram binning) on images the network never trained on, and measure ECE / NLL /
+   Brier before and after on other images; the OOD scores with their AUROC and FPR
+   at 95 % TPR per set; the threshold that keeps 95 % of the fitting images;
 3. **export** the calibrated graph (TorchScript, ONNX, OpenVINO) and prove it against
-   eager on the golden set, metadata (temperature) included;
+   eager on the golden set, metadata (temperature and curve) included;
 4. **int8**: quantise that ONNX export and gate it on the full test set (within 0.5
    points of fp32); when it passes it is published as a version file (``int8.onnx``);
 5. **publish** (``--register``) the same weights as a new version with ``parent`` set,
@@ -73,6 +74,8 @@ from seednet.model import SeedNet
 from seednet.ood import DENSITY_FILE, DENSITY_SCORE, FeatureDensity, fit_gaussians, standardise
 from seednet.quantize import build_int8, int8_details
 from seednet.runtimes import ort_outputs, ort_session
+from seednet.temperature import METHOD as CURVE_METHOD
+from seednet.temperature import ConfidenceTemperature
 from training import calibration as cal
 from training.data import ImageSet, holdout_mask, load_split, within_class_index
 
@@ -86,6 +89,9 @@ DEFAULT_OOD = Path("data/ood")
 class CalibrateSettings:
     """What ``training calibrate`` does; every field has the CLI's default."""
 
+    # what the served probabilities are: "confidence-temperature" (one temperature per
+    # image, from its confidence: seednet.temperature) or "temperature" (one number)
+    calibration: str = CURVE_METHOD
     ood_score: str = DENSITY_SCORE
     # the stage whose channel means the density+energy score reads (negative: from the
     # end); -2, the input of the last stage's attention, was the best single stage of
@@ -198,12 +204,17 @@ class LogitsRunner:
 
 
 # ----------------------------------------------------------------- the figures
+#: calibration method (manifest ``calibration.method``) -> its row in the comparison
+METHOD_ROWS = {"temperature": "temperature", CURVE_METHOD: "confidence_temperature"}
+
+
 def compare_methods(
     fit_z: np.ndarray, fit_y: np.ndarray, eval_z: np.ndarray, eval_y: np.ndarray, bins: int
 ) -> dict:
     """Every method fitted on (fit_z, fit_y), measured on (eval_z, eval_y)."""
     # rounded once, here: every figure below is of the number the manifest and graph hold
     t = round(cal.fit_temperature(fit_z, fit_y), 6)
+    curve = cal.fit_confidence_temperature(fit_z, fit_y)
     vector = cal.VectorScaling().fit(fit_z, fit_y)
     histogram = cal.HistogramBinning(bins).fit(cal.softmax(fit_z), fit_y)
     raw = cal.softmax(eval_z)
@@ -211,15 +222,25 @@ def compare_methods(
     rows = {
         "uncalibrated": raw,
         "temperature": cal.softmax(eval_z, t),
+        "confidence_temperature": curve.probabilities(eval_z),
         "vector_scaling": vector.probabilities(eval_z),
         "histogram_binning": histogram.probabilities(raw),
     }
-    out = {"temperature": t, "methods": {}}
+    out = {"temperature": t, "curve": curve.to_dict(), "methods": {}}
     for name, probs in rows.items():
         out["methods"][name] = cal.summary(probs, eval_y, bins) | {
             "top1_changed": float((probs.argmax(1) != top1).mean())
         }
     return out
+
+
+def served_probabilities(comparison: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """``logits -> probabilities`` as the version's graph will serve them: with the curve
+    for ``confidence-temperature``, else the one temperature (``comparison["method"]``)."""
+    if comparison["method"] == CURVE_METHOD:
+        return ConfidenceTemperature.from_dict(comparison["curve"]).probabilities
+    t = comparison["temperature"]
+    return lambda z: cal.softmax(z, t)
 
 
 Outputs = dict[str, np.ndarray]  # what LogitsRunner returns for a set of images
@@ -309,13 +330,15 @@ class CalibrationResult:
                 f"{m['ece'] * 100:>7.2f}%{m['nll']:>8.4f}{m['brier']:>8.4f}"
                 f"{m['top1_changed'] * 100:>11.2f}%"
             )
+        row = METHOD_ROWS[r["comparison"]["method"]]
+        lines.append(f"served: {row} ({_method_title(r['comparison'])})")
         if "reverse" in r:
             rev = r["reverse"]["methods"]
             lines.append(
-                f"reverse fit (odd half -> even half): temperature "
-                f"{r['reverse']['temperature']:.4f}, ECE {rev['uncalibrated']['ece'] * 100:.2f}%"
-                f" -> {rev['temperature']['ece'] * 100:.2f}%, NLL "
-                f"{rev['uncalibrated']['nll']:.4f} -> {rev['temperature']['nll']:.4f}"
+                f"reverse fit (odd half -> even half): {row}, ECE "
+                f"{rev['uncalibrated']['ece'] * 100:.2f}% -> {rev[row]['ece'] * 100:.2f}%, NLL "
+                f"{rev['uncalibrated']['nll']:.4f} -> {rev[row]['nll']:.4f} (temperature "
+                f"{r['reverse']['temperature']:.4f}: ECE {rev['temperature']['ece'] * 100:.2f}%)"
             )
         for kind, m in r.get("shift", {}).items():
             lines.append(
@@ -393,8 +416,12 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
         fit_z, eval_z = fit_o["logits"], eval_o["logits"]
         test_z = _test_logits(inputs, fit_z, eval_z, runner)
         fit_y, eval_y = inputs.fit.labels, inputs.evaluate.labels
+        if settings.calibration not in METHOD_ROWS:
+            raise ValueError(f"calibration must be one of {sorted(METHOD_ROWS)}")
         comparison = compare_methods(fit_z, fit_y, eval_z, eval_y, settings.bins)
-        t = comparison["temperature"]
+        comparison["method"] = settings.calibration
+        t = comparison["temperature"]  # the OOD score's, whichever the probabilities use
+        calibrated = served_probabilities(comparison)
         report: dict = {
             "fitted_on": inputs.fit.description,
             "evaluated_on": inputs.evaluate.description,
@@ -403,7 +430,7 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
         }
         if inputs.reverse:
             report["reverse"] = compare_methods(eval_z, eval_y, fit_z, fit_y, settings.bins)
-        raw_eval, cal_eval = cal.softmax(eval_z), cal.softmax(eval_z, t)
+        raw_eval, cal_eval = cal.softmax(eval_z), calibrated(eval_z)
         report["reliability"] = {
             name: _reliability_json(cal.reliability(p, eval_y, settings.bins))
             for name, p in (("uncalibrated", raw_eval), ("calibrated", cal_eval))
@@ -412,8 +439,8 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
         report["test"] = {
             "images": int(len(test_y)),
             "accuracy": float((test_z.argmax(1) == test_y).mean()),
-            "top1_changed_by_temperature": float(
-                (cal.softmax(test_z, t).argmax(1) != test_z.argmax(1)).mean()
+            "top1_changed_by_calibration": float(
+                (calibrated(test_z).argmax(1) != test_z.argmax(1)).mean()
             ),
             "per_class_accuracy": {
                 str(c): float((test_z.argmax(1)[test_y == c] == c).mean())
@@ -443,10 +470,8 @@ def run_calibration(inputs: Inputs, settings: CalibrateSettings, workdir: Path) 
                 "images": f"the first {int(keep.sum())} evaluation images "
                 f"({settings.shift_per_class or 'all'} per class)",
                 "uncalibrated": cal.summary(cal.softmax(z), y, settings.bins),
-                "calibrated": cal.summary(cal.softmax(z, t), y, settings.bins),
-                "reliability": _reliability_json(
-                    cal.reliability(cal.softmax(z, t), y, settings.bins)
-                ),
+                "calibrated": cal.summary(calibrated(z), y, settings.bins),
+                "reliability": _reliability_json(cal.reliability(calibrated(z), y, settings.bins)),
                 "_outputs": shifted,
             }
         functions = {method: score_function(method, t) for method in cal.OOD_SCORE_FUNCTIONS}
@@ -513,7 +538,8 @@ def _reliability_json(r: cal.Reliability) -> dict:
 def calibrated_spec(base: VersionSpec, report: dict, int8: Int8Gate | None) -> VersionSpec:
     """``base`` (the parent's spec or a run's) with the calibration sections and figures."""
     comparison = report["comparison"]["methods"]
-    before, after = comparison["uncalibrated"], comparison["temperature"]
+    method = report["comparison"]["method"]
+    before, after = comparison["uncalibrated"], comparison[METHOD_ROWS[method]]
     chosen = report["ood"]["scores"][report["ood"]["chosen"]]
     test = report["test"]
     names = list(base.class_names)
@@ -534,12 +560,20 @@ def calibrated_spec(base: VersionSpec, report: dict, int8: Int8Gate | None) -> V
         calibration_eval_images=after["images"],
     )
     calibration = Calibration(
-        method="temperature",
+        method=method,
         temperature=report["comparison"]["temperature"],
+        curve=report["comparison"]["curve"] if method == CURVE_METHOD else None,
         fitted_on=report["fitted_on"],
         evaluated_on=report["evaluated_on"],
         details={
-            "formula": "probabilities = softmax(logits / temperature), inside the served graph",
+            "formula": {
+                "temperature": "probabilities = softmax(logits / temperature), inside the "
+                "served graph",
+                CURVE_METHOD: "probabilities = softmax(logits / T(c)), c = max(softmax("
+                "logits)), T(c) = exp(log_t0 - sum_i slopes[i] * max(0, c - knots[i])), "
+                "inside the served graph (seednet.temperature); the OOD score uses "
+                "`temperature`",
+            }[method],
             "compared": {k: v for k, v in comparison.items()},
             **({"reverse_fit": report["reverse"]} if "reverse" in report else {}),
             "shift": {
@@ -598,18 +632,19 @@ def build_artefacts(
 ) -> tuple[dict[str, Path], Int8Gate | None, ExportReport]:
     """Steps 3-4: the calibrated graph's golden set, its exports proven, int8 gated."""
     t = report["comparison"]["temperature"]
+    curve = _curve(report)
     density: FeatureDensity | None = report.get("_density")
     files: dict[str, Path] = {}
     if report["ood"]["chosen"] == DENSITY_SCORE:
         assert density is not None
         graph: InferenceModel = DensityCalibratedInferenceModel(
-            inputs.model, t, density, inputs.mean, inputs.std
+            inputs.model, t, density, inputs.mean, inputs.std, curve
         )
         density.save(workdir / DENSITY_FILE)
         files[DENSITY_FILE] = workdir / DENSITY_FILE
     else:
         graph = CalibratedInferenceModel(
-            inputs.model, t, report["ood"]["chosen"], inputs.mean, inputs.std
+            inputs.model, t, report["ood"]["chosen"], inputs.mean, inputs.std, curve
         )
     graph.eval()
     golden = golden_set(graph, inputs.golden_images)
@@ -632,7 +667,7 @@ def build_artefacts(
         )
         details = int8_details(int8_report) | {
             "fp32_measured": "ONNX Runtime fp32 on the same images: the argmax of the logits "
-            "(dividing by the temperature does not move it)",
+            "(dividing by a positive temperature, one per image, does not move it)",
             "test_data": inputs.test.description,
             "metadata": export_metadata(dest),
         }
@@ -650,16 +685,32 @@ def build_artefacts(
     return files, gate, exports
 
 
+def _curve(report: dict) -> ConfidenceTemperature | None:
+    comparison = report["comparison"]
+    if comparison["method"] != CURVE_METHOD:
+        return None
+    return ConfidenceTemperature.from_dict(comparison["curve"])
+
+
+def _method_title(comparison: dict) -> str:
+    if comparison["method"] == CURVE_METHOD:
+        c = comparison["curve"]
+        return f"confidence temperature {np.exp(c['log_t0']):.2f}..{_lowest_t(c):.2f}"
+    return f"temperature {comparison['temperature']:.3f}"
+
+
+def _lowest_t(curve: dict) -> float:
+    """The curve's temperature at confidence 1 (its lowest)."""
+    return float(ConfidenceTemperature.from_dict(curve).temperature(np.array([1.0]))[0])
+
+
 def plot_files(report: dict, title: str, workdir: Path) -> dict[str, Path]:
     from training.reports import plot_reliability
 
     path = workdir / RELIABILITY_FILE
     panels = [
         (f"{title}: uncalibrated", report["reliability"]["uncalibrated"]),
-        (
-            f"{title}: temperature {report['comparison']['temperature']:.3f}",
-            report["reliability"]["calibrated"],
-        ),
+        (f"{title}: {_method_title(report['comparison'])}", report["reliability"]["calibrated"]),
     ]
     for kind, m in report.get("shift", {}).items():
         panels.append((f"{title}: {kind}, calibrated", m["reliability"]))
@@ -668,10 +719,15 @@ def plot_files(report: dict, title: str, workdir: Path) -> dict[str, Path]:
 
 
 def find_existing(
-    registry: Registry, parent: ModelVersion, temperature: float, threshold: float
+    registry: Registry,
+    parent: ModelVersion,
+    temperature: float,
+    threshold: float,
+    curve: dict | None = None,
 ) -> ModelVersion | None:
-    """A version already published from ``parent`` with its weights, this temperature and
-    this OOD threshold (a retried publish returns it instead of adding another version)."""
+    """A version already published from ``parent`` with its weights, this temperature (and
+    curve) and this OOD threshold (a retried publish returns it instead of adding
+    another version)."""
     weights_sha = parent.manifest.files[WEIGHTS_FILE].sha256
     for mv in registry.versions(parent.name):
         try:
@@ -685,6 +741,7 @@ def find_existing(
             and entry.sha256 == weights_sha
             and m.calibration is not None
             and m.calibration.temperature == temperature
+            and m.calibration.curve == curve
             and m.ood is not None
             and m.ood.threshold == threshold
         ):
@@ -806,7 +863,10 @@ def calibrate_version(
         report = run_calibration(inputs, settings, Path(tmp))
         chosen = report["ood"]["scores"][report["ood"]["chosen"]]
         t = report["comparison"]["temperature"]
-        existing = find_existing(registry, parent, t, chosen["threshold"]) if register else None
+        curve = report["comparison"]["curve"] if _curve(report) is not None else None
+        existing = (
+            find_existing(registry, parent, t, chosen["threshold"], curve) if register else None
+        )
         if existing is not None:  # a retry: nothing to build, nothing to publish
             result = CalibrationResult(t, report, existing.manifest, {}, existing.manifest.int8)
             result.version = existing
@@ -836,7 +896,13 @@ def publish_calibrated(
     record its proven exports and verify everything. A version already published from the
     same parent with the same calibration is returned (``existing``) instead."""
     spec, files = result.spec, result.files
-    existing = find_existing(registry, parent, spec.calibration.temperature, spec.ood.threshold)
+    existing = find_existing(
+        registry,
+        parent,
+        spec.calibration.temperature,
+        spec.ood.threshold,
+        spec.calibration.curve,
+    )
     if existing is not None:
         return existing
     carried = {
@@ -875,18 +941,41 @@ def record_exports(registry: Registry, mv: ModelVersion, exports: ExportReport |
 
 def promote_if_better(registry: Registry, result: CalibrationResult, alias: str) -> bool:
     """Move ``alias`` to the new version when no test image changed its top-1 class and
-    the ECE went down; say why not otherwise (in the report)."""
-    methods = result.report["comparison"]["methods"]
-    same_top1 = result.report["test"]["top1_changed_by_temperature"] == 0
-    better = methods["temperature"]["ece"] < methods["uncalibrated"]["ece"]
+    the ECE went down: below the uncalibrated network's, and below that of the version the
+    alias points at when it serves the same weights calibrated, measured on the same
+    images. Say why not otherwise (in the report)."""
+    comparison = result.report["comparison"]
+    methods = comparison["methods"]
+    same_top1 = result.report["test"]["top1_changed_by_calibration"] == 0
+    ece = methods[METHOD_ROWS[comparison["method"]]]["ece"]
+    better = ece < methods["uncalibrated"]["ece"]
     mv = result.version
     if mv is None:
         return False
+    current = registry.aliases(mv.name).get(alias)
+    rival = registry.resolve(mv.name, current) if current and current != mv.version else None
+    rival_ece = rival.manifest.metrics.ece if rival is not None else None
+    if rival_ece is not None and _same_weights_calibrated(rival, mv) and rival_ece <= ece:
+        better = False
+        result.report["rival"] = f"{rival.ref}: ECE {rival_ece:.4f}"
     if same_top1 and better:
         registry.set_alias(mv.name, alias, mv.version)
         result.report["promoted"] = alias
         return True
     result.report["not_promoted"] = (
-        f"top-1 unchanged: {same_top1}, ECE improved: {better}; {alias} left where it was"
+        f"top-1 unchanged: {same_top1}, ECE improved: {better}"
+        + (f" (against {result.report['rival']})" if "rival" in result.report else "")
+        + f"; {alias} left where it was"
     )
     return False
+
+
+def _same_weights_calibrated(a: ModelVersion, b: ModelVersion) -> bool:
+    """Both calibrated, with the same weights, measured on the same images."""
+    ma, mb = a.manifest, b.manifest
+    return (
+        ma.calibration is not None
+        and mb.calibration is not None
+        and ma.files[WEIGHTS_FILE].sha256 == mb.files[WEIGHTS_FILE].sha256
+        and ma.calibration.evaluated_on == mb.calibration.evaluated_on
+    )

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         help="fit a version's temperature and OOD threshold, gate its int8 export, and "
         "publish the same weights calibrated as a new version (--register)",
-        description="For NAME@VERSION's weights: fit temperature scaling on images the "
+        description="For NAME@VERSION's weights: fit the calibration (a temperature per "
+        "image from its confidence, or one temperature) on images the "
         "network never trained on (the even half of the test set for versions trained on "
         "every training image, else the version's held-out calibration split), measure "
         "ECE/NLL/Brier before and after on other images (the odd half), the energy and "
@@ -220,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder built by `ood-sets` (default data/ood; skipped when missing)",
     )
     c.add_argument("--cache", default="data/calibration-cache", help="logits cache folder")
+    c.add_argument(
+        "--calibration",
+        choices=["confidence-temperature", "temperature"],
+        default="confidence-temperature",
+        help="what the served probabilities use (both are measured): one temperature per "
+        "image from its confidence (default), or one temperature for all",
+    )
     c.add_argument(
         "--ood-score",
         choices=["density+energy", "energy", "max_softmax"],
@@ -466,6 +474,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     settings = CalibrateSettings(
+        calibration=args.calibration,
         ood_score=args.ood_score,
         ood_stage=args.ood_stage,
         density_per_class=args.density_per_class,

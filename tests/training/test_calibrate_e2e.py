@@ -16,6 +16,7 @@ from seednet.export import check_version_metadata, export_metadata
 from seednet.graph import CALIBRATED_OUTPUTS, out_of_distribution
 from seednet.ood import DENSITY_FILE
 from seednet.runtimes import ort_outputs, ort_session
+from seednet.temperature import ConfidenceTemperature
 from training.ood_sets import PROCEDURAL
 
 # Two publishes with exports, int8 and a training run: minutes on a busy 2-core machine.
@@ -27,7 +28,13 @@ def test_calibrate_publishes_a_verified_child_with_its_figures(calibrated):
     registry, first, _ = calibrated
     assert first.returncode == 0, first.stderr
     assert "published tiny@3 (parent tiny@1)" in first.stdout
-    for row in ("uncalibrated", "temperature", "vector_scaling", "histogram_binning"):
+    for row in (
+        "uncalibrated",
+        "temperature",
+        "confidence_temperature",
+        "vector_scaling",
+        "histogram_binning",
+    ):
         assert row in first.stdout
     mv = registry.get("tiny@3")
     m = mv.manifest
@@ -41,7 +48,9 @@ def test_calibrate_publishes_a_verified_child_with_its_figures(calibrated):
     )
     assert weights.location == "1/weights.safetensors"
     assert not (mv.path / "weights.safetensors").exists()
-    assert m.calibration.method == "temperature" and m.calibration.temperature > 0
+    assert m.calibration.method == "confidence-temperature" and m.calibration.temperature > 0
+    curve = ConfidenceTemperature.from_dict(m.calibration.curve)  # validated: slopes >= 0
+    assert len(curve.knots) == 3 and raw["calibration"]["curve"] == curve.to_dict()
     assert m.calibration.fitted_on["half"] == "even" and m.calibration.evaluated_on["half"] == "odd"
     assert m.calibration.fitted_on["images"] == m.calibration.evaluated_on["images"] == 50
     for key in ("ece", "nll", "brier", "uncalibrated_ece", "uncalibrated_nll"):
@@ -76,12 +85,15 @@ def test_the_temperature_of_the_manifest_is_in_every_export_and_the_graph(calibr
     registry, _, _ = calibrated
     mv = registry.get("tiny@3")
     t = mv.manifest.calibration.temperature
+    curve = mv.manifest.calibration.curve
     assert check_version_metadata(registry, mv) == []
     exports = registry.derived(mv)
     assert {"torchscript", "onnx"} <= set(exports["verified"])
     assert exports["graph"]["metadata"]["temperature"] == t
+    assert exports["graph"]["metadata"]["confidence_temperature"] == curve
     for name in ("model.ts", "model.onnx"):
-        assert export_metadata(mv.path / name)["temperature"] == t
+        meta = export_metadata(mv.path / name)
+        assert meta["temperature"] == t and meta["confidence_temperature"] == curve
     # the golden set of the child: calibrated eager outputs, the parent's images
     golden = load_file(str(mv.path / "golden.safetensors"))
     parent = load_file(str(registry.get("tiny@1").path / "golden.safetensors"))
@@ -89,6 +101,12 @@ def test_the_temperature_of_the_manifest_is_in_every_export_and_the_graph(calibr
     assert np.array_equal(golden["images"], parent["images"])
     assert np.array_equal(golden["probabilities"].argmax(1), parent["probabilities"].argmax(1))
     assert np.abs(golden["probabilities"] - parent["probabilities"]).max() > 1e-4
+    # the parent's probabilities are softmax(z): their logs are z up to a constant per
+    # image, which the curve ignores; so the child's are the manifest's curve applied to them
+    expected = ConfidenceTemperature.from_dict(curve).probabilities(
+        np.log(parent["probabilities"].astype(np.float64))
+    )
+    assert np.abs(golden["probabilities"] - expected).max() <= 1e-5
     got = ort_outputs(ort_session(mv.path / "model.onnx"), golden["images"])
     assert np.abs(got["ood_score"] - golden["ood_score"]).max() <= 1e-4
     # the flag keeps most in-distribution images (the threshold keeps 95 % of the fit half)
@@ -105,9 +123,9 @@ def test_the_int8_export_is_a_published_file_gated_on_accuracy(calibrated):
     assert gate.test_images == 100 and gate.max_drop_points == 100
     entry = mv.manifest.files[PUBLISHED_INT8_FILE]
     assert entry.sha256 == sha256_file(mv.path / PUBLISHED_INT8_FILE)
-    assert export_metadata(mv.path / PUBLISHED_INT8_FILE)["temperature"] == (
-        mv.manifest.calibration.temperature
-    )
+    meta = export_metadata(mv.path / PUBLISHED_INT8_FILE)
+    assert meta["temperature"] == mv.manifest.calibration.temperature
+    assert meta["confidence_temperature"] == mv.manifest.calibration.curve
     out = ort_outputs(
         ort_session(mv.path / PUBLISHED_INT8_FILE), np.zeros((3, 3, 32, 32), np.uint8)
     )
