@@ -174,6 +174,28 @@ MUTANTS = [
             "test_the_reported_accuracy_is_that_of_the_published_ema_weights",
         ),
     ),
+    Mutant(
+        "curve-sharpens-the-unsure",
+        "the served graph's confidence temperature rises with the confidence",
+        "seednet/temperature.py",  # ConfidenceTemperatureScaling.forward
+        "        log_t = self.log_t0 - (torch.relu(c - self.knots) * self.slopes)",
+        "        log_t = self.log_t0 + (torch.relu(c - self.knots) * self.slopes)",
+        (
+            "tests/seednet/test_confidence_temperature.py::"
+            "test_the_curve_is_the_same_in_numpy_and_in_the_graph",
+        ),
+    ),
+    Mutant(
+        "curve-left-out-of-the-graph",
+        "a version with a curve is served with its one temperature",
+        "seednet/graph.py",  # CalibratedInferenceModel.probabilities
+        "        if self.per_image is not None:\n            return torch.softmax(",
+        "        if False:\n            return torch.softmax(",
+        (
+            "tests/seednet/test_confidence_temperature.py::"
+            "test_the_curve_is_the_same_in_numpy_and_in_the_graph",
+        ),
+    ),
 ]
 
 

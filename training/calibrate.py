@@ -321,12 +321,12 @@ class CalibrationResult:
             f"{r['fitted_on'].get('half', 'held-out')} images)"
         ]
         lines.append(
-            f"{'method':<20}{'accuracy':>9}{'conf.':>8}{'ECE':>8}{'NLL':>8}{'Brier':>8}"
+            f"{'method':<24}{'accuracy':>9}{'conf.':>8}{'ECE':>8}{'NLL':>8}{'Brier':>8}"
             f"{'top-1 moved':>12}"
         )
         for name, m in r["comparison"]["methods"].items():
             lines.append(
-                f"{name:<20}{m['accuracy'] * 100:>8.2f}%{m['mean_confidence'] * 100:>7.2f}%"
+                f"{name:<24}{m['accuracy'] * 100:>8.2f}%{m['mean_confidence'] * 100:>7.2f}%"
                 f"{m['ece'] * 100:>7.2f}%{m['nll']:>8.4f}{m['brier']:>8.4f}"
                 f"{m['top1_changed'] * 100:>11.2f}%"
             )

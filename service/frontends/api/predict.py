@@ -54,7 +54,8 @@ class Prediction(BaseModel):
     ood_score: float | None = Field(
         None,
         description="how unlike the training images this image is (higher: less like them; "
-        "-logsumexp of the calibrated logits); null for versions published without it",
+        "the version's ood.score, e.g. density+energy); null for versions published without "
+        "it",
     )
     out_of_distribution: bool | None = Field(
         None,
