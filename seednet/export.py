@@ -9,10 +9,10 @@ its temperature first (or by each image's, :mod:`seednet.temperature`) and has a
 output, ``ood_score`` fp32 ``[N]``.
 
 Every export carries the graph's metadata (output names, temperature and its curve, OOD
-score): ONNX
-as ``metadata_props`` key ``seednet``, TorchScript as the extra file ``seednet``. It is
-read back from the written files and must equal the graph's, so the temperature in an
-export is the manifest's; the golden-set check proves the graph computes with it.
+score): ONNX as ``metadata_props`` key ``seednet``, TorchScript as the extra file
+``seednet``. It is read back from the written files and must equal the graph's, so the
+temperature in an export is the manifest's; the golden-set check proves the graph
+computes with it.
 
 An export is accepted only if: ``onnx.checker`` passes; an ONNX Runtime CPU session
 (the served settings, ``seednet.runtimes``) runs it; TorchScript loads and runs in a
@@ -410,8 +410,8 @@ def materialize(registry: Registry, mv: ModelVersion) -> ExportReport:
 
 def check_version_metadata(registry: Registry, mv: ModelVersion) -> list[str]:
     """Problems (empty: none) where an export of ``mv`` records another temperature, curve
-    or OOD score than its manifest: the derived TorchScript and ONNX files and the published int8
-    file, each read back from disk."""
+    or OOD score than its manifest: the derived TorchScript and ONNX files and the
+    published int8 file, each read back from disk."""
     m = mv.manifest
     expected_t = m.calibration.temperature if m.calibration else None
     expected_curve = m.calibration.curve if m.calibration else None
