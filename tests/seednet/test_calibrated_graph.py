@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from registry import Registry
 from seednet.export import (
     ExportError,
     check_metadata,
@@ -21,7 +20,6 @@ from seednet.export import (
 from seednet.graph import (
     CALIBRATED_OUTPUTS,
     CalibratedInferenceModel,
-    inference_model,
     out_of_distribution,
 )
 from seednet.runtimes import OpenVinoModel, openvino_available, ort_outputs, ort_session
@@ -29,19 +27,8 @@ from training.data import load_split
 
 
 @pytest.fixture(scope="module")
-def tiny_graphs(served_registry):
-    reg = Registry(served_registry)
-    mv = reg.resolve("tiny", "1")
-    m = mv.manifest
-    weights = reg.open_verified(mv, "weights.safetensors")
-    plain = inference_model(m.model.config, weights)
-    calibrated = inference_model(m.model.config, weights, temperature=0.37)
-    return plain, calibrated
-
-
-@pytest.fixture(scope="module")
-def images(cifar_dir) -> torch.Tensor:
-    return load_split(cifar_dir, "test", 7).images[:64]
+def tiny_graphs(tiny_graph):
+    return tiny_graph(), tiny_graph(temperature=0.37)
 
 
 def test_temperature_changes_the_probabilities_but_never_the_top1(tiny_graphs, images):
@@ -118,17 +105,13 @@ def test_the_flag_rule_is_strictly_above_the_threshold():
 
 
 @pytest.fixture(scope="module")
-def density_graph(served_registry, cifar_dir):
+def density_graph(tiny_graph, cifar_dir):
     """tiny@1 with the density+energy score, its Gaussians fitted on 20 training images
     per class and standardised on 10 test images per class (as `training calibrate` does)."""
     from seednet.graph import DensityCalibratedInferenceModel
     from training.calibrate import density_for
 
-    reg = Registry(served_registry)
-    mv = reg.resolve("tiny", "1")
-    m = mv.manifest
-    weights = reg.open_verified(mv, "weights.safetensors")
-    calibrated = inference_model(m.model.config, weights, temperature=0.8)
+    calibrated = tiny_graph(temperature=0.8)
     net = calibrated.model
     stage = len(net.stages) - 2
 

@@ -10,7 +10,6 @@ import onnx
 import pytest
 import torch
 
-from registry import Registry
 from registry.manifest import Calibration
 from seednet.explain import Explainer
 from seednet.export import (
@@ -21,31 +20,19 @@ from seednet.export import (
     export_metadata,
     set_onnx_metadata,
 )
-from seednet.graph import CalibratedInferenceModel, inference_model
+from seednet.graph import CalibratedInferenceModel
 from seednet.quantize import float_tail
 from seednet.runtimes import OpenVinoModel, openvino_available, ort_outputs, ort_session
 from seednet.temperature import ConfidenceTemperature
 from training import calibration as cal
-from training.data import load_split
 
 # T = 0.9 below confidence 0.3, then sharper: 0.9 * exp(-2 (c - 0.3) - 3 (c - 0.6)) above
 CURVE = ConfidenceTemperature(log_t0=float(np.log(0.9)), knots=(0.3, 0.6), slopes=(2.0, 3.0))
 
 
 @pytest.fixture(scope="module")
-def tiny(served_registry):
-    reg = Registry(served_registry)
-    mv = reg.resolve("tiny", "1")
-    m = mv.manifest
-    weights = reg.open_verified(mv, "weights.safetensors")
-    plain = inference_model(m.model.config, weights)
-    curved = inference_model(m.model.config, weights, temperature=0.8, curve=CURVE)
-    return plain, curved
-
-
-@pytest.fixture(scope="module")
-def images(cifar_dir) -> torch.Tensor:
-    return load_split(cifar_dir, "test", 7).images[:64]
+def tiny(tiny_graph):
+    return tiny_graph(), tiny_graph(temperature=0.8, curve=CURVE)
 
 
 def _logits(graph, images) -> np.ndarray:
