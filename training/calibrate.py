@@ -234,11 +234,22 @@ def compare_methods(
     return out
 
 
+def served_curve(comparison: dict) -> dict | None:
+    """The curve the version serves (``confidence-temperature``), else None."""
+    return comparison["curve"] if comparison["method"] == CURVE_METHOD else None
+
+
+def _served_curve(comparison: dict) -> ConfidenceTemperature | None:
+    curve = served_curve(comparison)
+    return ConfidenceTemperature.from_dict(curve) if curve is not None else None
+
+
 def served_probabilities(comparison: dict) -> Callable[[np.ndarray], np.ndarray]:
     """``logits -> probabilities`` as the version's graph will serve them: with the curve
     for ``confidence-temperature``, else the one temperature (``comparison["method"]``)."""
-    if comparison["method"] == CURVE_METHOD:
-        return ConfidenceTemperature.from_dict(comparison["curve"]).probabilities
+    curve = _served_curve(comparison)
+    if curve is not None:
+        return curve.probabilities
     t = comparison["temperature"]
     return lambda z: cal.softmax(z, t)
 
@@ -562,7 +573,7 @@ def calibrated_spec(base: VersionSpec, report: dict, int8: Int8Gate | None) -> V
     calibration = Calibration(
         method=method,
         temperature=report["comparison"]["temperature"],
-        curve=report["comparison"]["curve"] if method == CURVE_METHOD else None,
+        curve=served_curve(report["comparison"]),
         fitted_on=report["fitted_on"],
         evaluated_on=report["evaluated_on"],
         details={
@@ -632,7 +643,7 @@ def build_artefacts(
 ) -> tuple[dict[str, Path], Int8Gate | None, ExportReport]:
     """Steps 3-4: the calibrated graph's golden set, its exports proven, int8 gated."""
     t = report["comparison"]["temperature"]
-    curve = _curve(report)
+    curve = _served_curve(report["comparison"])
     density: FeatureDensity | None = report.get("_density")
     files: dict[str, Path] = {}
     if report["ood"]["chosen"] == DENSITY_SCORE:
@@ -685,23 +696,12 @@ def build_artefacts(
     return files, gate, exports
 
 
-def _curve(report: dict) -> ConfidenceTemperature | None:
-    comparison = report["comparison"]
-    if comparison["method"] != CURVE_METHOD:
-        return None
-    return ConfidenceTemperature.from_dict(comparison["curve"])
-
-
 def _method_title(comparison: dict) -> str:
-    if comparison["method"] == CURVE_METHOD:
-        c = comparison["curve"]
-        return f"confidence temperature {np.exp(c['log_t0']):.2f}..{_lowest_t(c):.2f}"
+    curve = _served_curve(comparison)
+    if curve is not None:  # its temperature at confidence 0 and 1 (highest, lowest)
+        t0, t1 = curve.temperature(np.array([0.0, 1.0]))
+        return f"confidence temperature {t0:.2f}..{t1:.2f}"
     return f"temperature {comparison['temperature']:.3f}"
-
-
-def _lowest_t(curve: dict) -> float:
-    """The curve's temperature at confidence 1 (its lowest)."""
-    return float(ConfidenceTemperature.from_dict(curve).temperature(np.array([1.0]))[0])
 
 
 def plot_files(report: dict, title: str, workdir: Path) -> dict[str, Path]:
@@ -863,7 +863,7 @@ def calibrate_version(
         report = run_calibration(inputs, settings, Path(tmp))
         chosen = report["ood"]["scores"][report["ood"]["chosen"]]
         t = report["comparison"]["temperature"]
-        curve = report["comparison"]["curve"] if _curve(report) is not None else None
+        curve = served_curve(report["comparison"])
         existing = (
             find_existing(registry, parent, t, chosen["threshold"], curve) if register else None
         )
