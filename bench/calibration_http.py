@@ -11,7 +11,7 @@ measures on; ``all`` for every file), ``--batch`` files per request in the repea
 accuracy, mean confidence, ECE (15 equal-width bins), NLL, Brier and the share flagged
 ``out_of_distribution``, computed from the probabilities the service returned (JSON
 floats), nothing else. ``--corrupt blur|pixelate`` sends corrupted copies instead
-(training.ood_sets.corrupt, re-encoded as JPEG).
+(the JPEG files of training.ood_sets.corrupt_jpegs, which `training calibrate` decodes).
 
 The last column, ``ECE floor``, is what a perfectly calibrated model with the same
 confidences would read on this many images (the median over 200 draws of labels from the
@@ -24,7 +24,6 @@ Loopback targets only.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -50,16 +49,14 @@ def half_files(folder: Path, half: str, per_class: int | None) -> list[tuple[str
 
 
 def corrupted_jpeg(path: Path, kind: str) -> bytes:
+    """The file's corrupted copy as ``training calibrate`` measures it (one JPEG)."""
     from PIL import Image
 
-    from training.ood_sets import corrupt
+    from training.ood_sets import corrupt_jpegs
 
     with Image.open(path) as im:
         chw = np.asarray(im.convert("RGB")).transpose(2, 0, 1)[None]
-    out = corrupt(np.ascontiguousarray(chw), kind)[0].transpose(1, 2, 0)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(out)).save(buf, format="JPEG", quality=75)
-    return buf.getvalue()
+    return corrupt_jpegs(chw, kind)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

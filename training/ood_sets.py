@@ -276,12 +276,17 @@ def _pixelate(hwc: np.ndarray) -> np.ndarray:
 _CORRUPT = {"blur": _blur, "pixelate": _pixelate}
 
 
+def corrupt_jpegs(images: np.ndarray, kind: str) -> list[bytes]:
+    """Corrupted copies of uint8 ``[N, 3, H, W]`` images as JPEG files (see
+    :data:`CORRUPTIONS`): what :func:`corrupt` decodes, and what a client would upload."""
+    if kind not in _CORRUPT:
+        raise ValueError(f"unknown corruption {kind!r}; expected {sorted(_CORRUPT)}")
+    hwc = np.ascontiguousarray(np.asarray(images).transpose(0, 2, 3, 1))
+    return [jpeg_round_trip(_CORRUPT[kind](x)) for x in hwc]
+
+
 def corrupt(images: np.ndarray, kind: str) -> np.ndarray:
     """A corrupted copy of uint8 ``[N, 3, H, W]`` images (see :data:`CORRUPTIONS`)."""
     from training.data import decode_jpeg_bytes
 
-    if kind not in _CORRUPT:
-        raise ValueError(f"unknown corruption {kind!r}; expected {sorted(_CORRUPT)}")
-    hwc = np.ascontiguousarray(np.asarray(images).transpose(0, 2, 3, 1))
-    blobs = [jpeg_round_trip(_CORRUPT[kind](x)) for x in hwc]
-    return decode_jpeg_bytes(blobs)
+    return decode_jpeg_bytes(corrupt_jpegs(images, kind))
